@@ -1,0 +1,100 @@
+"""Engine: the loaded models on one device, a fixed number of conversation slots, batched steps.
+
+Implements `Engine`:
+  * `prepare_voice(name or pcm)` and `prompt(voice, role)`: a persona as `PromptFrames`;
+  * `start(slot, prompt, sampling)`: reset one slot (Mimi and LM state), give it its sampling
+    settings and run its system prompt, as one prefill or frame by frame;
+  * `step(pcm)`: one 80 ms frame for every slot at once: Mimi encode of the user's audio, one
+    LM step, Mimi decode of the agent's codes -> `Frame` (agent audio and text ids).
+Every state tensor has a leading slot dimension and every slot its own offsets, so slots start
+and stop independently while the others keep talking. No host synchronisation in `step`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import normalize_loudness, read_audio
+from .config import CODES_PER_STREAM, FRAME_SIZE
+from .generate import LMGen, PromptFrames, plan_prompt
+from .loading import CheckpointError, Models, load_voice_embeddings
+from .persona import PromptError, VoicePrompt, build_prompt, encode_voice
+from .sampling import SamplingParams
+from .streaming import enable_streaming, reset_slots, slot_mask, slot_view
+from .text import encode_role
+
+
+@dataclass
+class Frame:
+    pcm: torch.Tensor  # [B, 1920] float32 agent audio
+    tokens: torch.Tensor  # [B, 17] text id, agent codes, user codes of the frame
+    valid: torch.Tensor  # [B] bool
+
+    @property
+    def text(self) -> torch.Tensor:
+        return self.tokens[:, 0]  # PAD / EPAD when the agent says nothing new
+
+
+class Engine:
+    def __init__(self, models: Models, num_slots: int = 1, depformer_steps: int = CODES_PER_STREAM) -> None:
+        self.models = models
+        self.num_slots = num_slots
+        self.device = models.device
+        self.gen = LMGen(models.lm, depformer_steps)
+        enable_streaming(models.mimi, num_slots)
+        enable_streaming(self.gen, num_slots)
+
+    # --- personas -----------------------------------------------------------------------
+    def voice_from_file(self, path: Path) -> VoicePrompt:
+        """A voice prompt from a `.pt` file or from an audio file (normalised to -24 LUFS)."""
+        if path.suffix.lower() == ".pt":
+            return load_voice_embeddings(path, self.models.config)
+        return self.voice_from_audio(read_audio(path))
+
+    def voice_from_audio(self, pcm: np.ndarray) -> VoicePrompt:
+        normalised = torch.from_numpy(normalize_loudness(pcm)).to(self.device)
+        with torch.inference_mode():
+            return encode_voice(self.models.mimi, normalised)
+
+    def voice(self, name: str) -> VoicePrompt:
+        """A voice of the checkpoint by name (looked up in the fixed table, never a path)."""
+        path = self.models.voices.get(name)
+        if path is None:
+            known = ", ".join(self.models.voices) or "none"
+            raise CheckpointError(f"unknown voice {name!r}; this checkpoint has: {known}")
+        return self.voice_from_file(path)
+
+    def prompt(self, voice: VoicePrompt, role: str) -> PromptFrames:
+        return build_prompt(voice, encode_role(role, self.models.tokenizer), self.models.config.lm)
+
+    # --- slots --------------------------------------------------------------------------
+    @torch.inference_mode()
+    def start(self, slot: int, prompt: PromptFrames, sampling: SamplingParams, prefill: bool = True) -> None:
+        """Reset `slot` and run its system prompt; the other slots are not touched."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not in 0..{self.num_slots - 1}")
+        if prompt.num_frames > self.models.config.lm.context:
+            raise PromptError("the prompt is longer than the model's context")
+        mask = slot_mask(self.num_slots, slot, self.device)
+        reset_slots(self.models.mimi, mask)
+        reset_slots(self.gen, mask)
+        self.gen.set_sampling(mask, sampling)
+        with slot_view(self.gen, slice(slot, slot + 1)):
+            if prefill:
+                self.gen.prefill(plan_prompt(prompt, self.models.config.lm))
+            else:
+                self.gen.run_prompt(prompt)
+
+    @torch.inference_mode()
+    def step(self, pcm: torch.Tensor) -> Frame:
+        """pcm [num_slots, 1920] float32 user audio -> one frame of agent audio and text per slot."""
+        assert pcm.shape == (self.num_slots, FRAME_SIZE), f"expected [{self.num_slots}, {FRAME_SIZE}], got {tuple(pcm.shape)}"
+        mimi = self.models.mimi
+        user_codes = mimi.encode(pcm[:, None].to(self.device))[:, :, 0]  # [B, 8]
+        out = self.gen.step(user_codes)
+        agent = mimi.decode(out.agent_codes[:, :, None])[:, 0]  # [B, 1920]
+        return Frame(pcm=agent, tokens=out.tokens, valid=out.valid)

@@ -1,0 +1,140 @@
+"""`python -m personaplex.offline`: a recorded user side in, the agent's side out.
+
+Implements the reference's offline CLI (same flags, same outputs: a mono 24 kHz wav exactly as
+long as the input, and a JSON list with one string per frame: "PAD", "EPAD" or the piece) and
+`converse`, the frame loop shared with the app's offline tab.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import AudioError, read_audio, write_wav
+from .config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, ConfigError, load_config
+from .engine import Engine
+from .generate import PromptFrames
+from .loading import DEFAULT_REPO, CheckpointError, list_voices, load_models, resolve_checkpoint
+from .persona import PromptError, VoicePrompt
+from .sampling import SamplingParams
+from .text import piece_label
+
+logger = logging.getLogger("personaplex.offline")
+PROGRESS_MIN_FRAMES = 125  # show a progress bar from 10 s of input
+
+
+@dataclass
+class Conversation:
+    pcm: np.ndarray  # [T] float32 agent audio, as long as the user's
+    text_ids: list[int]  # one text id per 80 ms frame
+
+
+def converse(
+    engine: Engine,
+    user_pcm: np.ndarray,
+    prompt: PromptFrames,
+    sampling: SamplingParams,
+    slot: int = 0,
+    on_frame: Callable[[int, int], None] | None = None,
+) -> Conversation:
+    """Run `user_pcm` (float32 [T] at 24 kHz) through one slot of the engine, frame by frame."""
+    if user_pcm.size == 0:
+        raise AudioError("the user audio is empty")
+    frames = -(-user_pcm.size // FRAME_SIZE)
+    padded = np.zeros((frames, FRAME_SIZE), dtype=np.float32)
+    padded.reshape(-1)[: user_pcm.size] = user_pcm
+    engine.start(slot, prompt, sampling)
+    batch = torch.zeros(engine.num_slots, FRAME_SIZE)
+    pcm_out, text_out = [], []
+    for i in range(frames):
+        batch[slot] = torch.from_numpy(padded[i])
+        frame = engine.step(batch)
+        pcm_out.append(frame.pcm[slot].float().cpu())
+        text_out.append(frame.text[slot].cpu())
+        if on_frame is not None:
+            on_frame(i + 1, frames)
+    pcm = torch.cat(pcm_out).numpy()[: user_pcm.size]
+    return Conversation(pcm=pcm, text_ids=[int(t) for t in text_out])
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m personaplex.offline", description=__doc__.splitlines()[0])
+    p.add_argument("--input-wav", required=True, help="the user's side of the conversation (any audio format)")
+    p.add_argument("--output-wav", required=True, help="where to write the agent's audio (mono, 24 kHz)")
+    p.add_argument("--output-text", required=True, help="where to write the agent's text (JSON, one entry per frame)")
+    p.add_argument("--voice-prompt", required=True, help="a voice of the checkpoint (NATF2 or NATF2.pt) or a .pt / audio file")
+    p.add_argument("--voice-prompt-dir", help="look voice names up in this folder instead of the checkpoint's voices")
+    p.add_argument("--text-prompt", default=DEFAULT_TEXT_PROMPT, help="the role prompt (may be empty)")
+    source = p.add_mutually_exclusive_group()
+    source.add_argument("--checkpoint", help="a local folder with the release file names")
+    source.add_argument("--hf-repo", default=None, help=f"a hub repo with the release files (default {DEFAULT_REPO})")
+    p.add_argument("--config", help="model hyper-parameters as JSON, in the reference's names (default: the 7B release)")
+    p.add_argument("--seed", type=int, default=-1, help="random seed (-1: a fresh one)")
+    p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    p.add_argument("--temp-audio", type=float, default=0.8)
+    p.add_argument("--temp-text", type=float, default=0.7)
+    p.add_argument("--topk-audio", type=int, default=250)
+    p.add_argument("--topk-text", type=int, default=25)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="LM weights (default: bfloat16 on cuda, float32 on cpu)")
+    return p
+
+
+def _voice(engine: Engine, value: str, voice_dir: str | None) -> VoicePrompt:
+    """A name of the voice table (with or without `.pt`), else a file path given by the user."""
+    table = list_voices(Path(voice_dir)) if voice_dir else engine.models.voices
+    name = value[:-3] if value.endswith(".pt") else value
+    if name in table:
+        return engine.voice_from_file(table[name])
+    path = Path(value)
+    if path.is_file():
+        return engine.voice_from_file(path)
+    known = ", ".join(table) or "none"
+    raise CheckpointError(f"unknown voice prompt {value!r}: no such voice (available: {known}) and no such file")
+
+
+def run(args: argparse.Namespace) -> None:
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    config = load_config(args.config) if args.config else PERSONAPLEX_7B
+    user_pcm = read_audio(args.input_wav)
+    dtype = getattr(torch, args.dtype) if args.dtype else None
+    models = load_models(resolve_checkpoint(args.checkpoint, args.hf_repo), config, args.device, dtype)
+    engine = Engine(models, num_slots=1)
+    prompt = engine.prompt(_voice(engine, args.voice_prompt, args.voice_prompt_dir), args.text_prompt)
+    seed = args.seed if args.seed != -1 else int.from_bytes(os.urandom(4), "little")
+    sampling = SamplingParams(args.temp_text, args.topk_text, args.temp_audio, args.topk_audio, args.greedy, seed)
+    frames = -(-user_pcm.size // FRAME_SIZE)
+    from tqdm import tqdm
+
+    with tqdm(total=frames, unit="frame", disable=frames < PROGRESS_MIN_FRAMES or None) as bar:
+        result = converse(engine, user_pcm, prompt, sampling, on_frame=lambda done, total: bar.update(1))
+    write_wav(args.output_wav, result.pcm)
+    labels = [piece_label(t, models.tokenizer) for t in result.text_ids]
+    Path(args.output_text).write_text(json.dumps(labels, ensure_ascii=False))
+    logger.info("wrote %s (%.2f s) and %s (%d frames)", args.output_wav, result.pcm.size / 24000, args.output_text, len(labels))
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    args = _parser().parse_args(argv)
+    try:
+        with torch.inference_mode():
+            run(args)
+    except (AudioError, CheckpointError, PromptError, ConfigError) as exc:
+        logger.error("%s", exc)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

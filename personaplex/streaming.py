@@ -1,0 +1,125 @@
+"""The one streaming-state mechanism shared by Mimi and the LM.
+
+Implements:
+  * `StreamingState`: base of the small per-module state dataclasses. Every tensor field has a
+    leading slot (batch) dimension, so one conversation lives in one slot; `reset(mask)`
+    resets the chosen slots in place and `select(index)` gives views of some slots.
+  * `StreamingModule`: an `nn.Module` that may hold a state while streaming. A module without
+    a state runs on whole sequences.
+  * `enable_streaming` / `disable_streaming` / `streaming(...)`: create the states of every
+    streaming module of a tree (preallocated, updated in place: safe for CUDA graphs).
+  * `reset_slots(module, mask)`: reset the chosen slots of a whole tree.
+  * `slot_view(module, index)`: run a tree on some slots only (a prefill, a voice prompt),
+    writing through to the full state; `detached(module)`: run it on a whole clip meanwhile.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import fields, replace
+from typing import Self
+
+import torch
+from torch import nn
+
+
+class StreamingState:
+    """Base class for state dataclasses: tensor fields have a leading slot dimension."""
+
+    def reset(self, mask: torch.Tensor) -> None:
+        """Reset the slots where `mask` ([B] bool) is True, in place."""
+        raise NotImplementedError
+
+    def select(self, index: slice) -> Self:
+        """Views of the chosen slots: in-place updates of the views reach this state."""
+        return replace(self, **{f.name: getattr(self, f.name)[index] for f in fields(self)})  # type: ignore[arg-type]
+
+
+class StreamingModule(nn.Module):
+    """A module that keeps a `StreamingState` while streaming and none otherwise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.state: StreamingState | None = None
+
+    def make_state(self, batch_size: int) -> StreamingState | None:
+        """Allocate this module's own state (not its children's); None if it has none."""
+        return None
+
+
+def _streaming_modules(root: nn.Module) -> Iterator[StreamingModule]:
+    for module in root.modules():
+        if isinstance(module, StreamingModule):
+            yield module
+
+
+def enable_streaming(root: nn.Module, batch_size: int) -> None:
+    """Give every streaming module of `root` a fresh state with `batch_size` slots."""
+    for module in _streaming_modules(root):
+        module.state = module.make_state(batch_size)
+    reset_slots(root, None)
+
+
+def disable_streaming(root: nn.Module) -> None:
+    for module in _streaming_modules(root):
+        module.state = None
+
+
+@contextmanager
+def streaming(root: nn.Module, batch_size: int) -> Iterator[None]:
+    enable_streaming(root, batch_size)
+    try:
+        yield
+    finally:
+        disable_streaming(root)
+
+
+def is_streaming(root: nn.Module) -> bool:
+    return any(module.state is not None for module in _streaming_modules(root))
+
+
+def reset_slots(root: nn.Module, mask: torch.Tensor | None) -> None:
+    """Reset the slots where `mask` is True (all slots when `mask` is None)."""
+    for module in _streaming_modules(root):
+        state = module.state
+        if state is None:
+            continue
+        if mask is None:
+            first = getattr(state, fields(state)[0].name)  # type: ignore[arg-type]
+            state.reset(torch.ones(first.shape[0], dtype=torch.bool, device=first.device))
+        else:
+            state.reset(mask)
+
+
+@contextmanager
+def slot_view(root: nn.Module, index: slice) -> Iterator[None]:
+    """Within the block, every streaming module of `root` sees only the slots `index`."""
+    saved = [(module, module.state) for module in _streaming_modules(root)]
+    for module, state in saved:
+        if state is not None:
+            module.state = state.select(index)
+    try:
+        yield
+    finally:
+        for module, state in saved:
+            module.state = state
+
+
+@contextmanager
+def detached(root: nn.Module) -> Iterator[None]:
+    """Within the block, `root` runs on whole sequences: its streaming states are set aside."""
+    saved = [(module, module.state) for module in _streaming_modules(root)]
+    for module, _ in saved:
+        module.state = None
+    try:
+        yield
+    finally:
+        for module, state in saved:
+            module.state = state
+
+
+def slot_mask(batch_size: int, slot: int, device: torch.device) -> torch.Tensor:
+    mask = torch.zeros(batch_size, dtype=torch.bool, device=device)
+    mask[slot] = True
+    return mask

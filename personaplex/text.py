@@ -1,0 +1,48 @@
+"""The text side: role prompts in, the agent's text pieces out.
+
+Implements `wrap_with_system_tags`, `encode_role` (the prompt's token ids, no BOS/EOS; an empty
+role gives no tokens, where the reference crashes) and `piece_text` / `piece_label` (how the
+reference shows a sampled id: "PAD" for 3, "EPAD" for 0, else the piece with "▁" as a space).
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from .config import TEXT_EPAD_ID, TEXT_PAD_ID
+
+SYSTEM_TAG = "<system>"
+_PADDING_LABELS = {TEXT_EPAD_ID: "EPAD", TEXT_PAD_ID: "PAD"}
+
+
+class Tokenizer(Protocol):
+    def encode(self, text: str) -> list[int]: ...
+
+    def id_to_piece(self, token: int) -> str: ...
+
+
+def wrap_with_system_tags(text: str) -> str:
+    """`<system> text <system>`, unless the text already starts and ends with the tag."""
+    cleaned = text.strip()
+    if cleaned.startswith(SYSTEM_TAG) and cleaned.endswith(SYSTEM_TAG):
+        return cleaned
+    return f"{SYSTEM_TAG} {cleaned} {SYSTEM_TAG}"
+
+
+def encode_role(text: str, tokenizer: Tokenizer) -> list[int]:
+    """Token ids of the role prompt as the model reads it; [] for an empty (or blank) role."""
+    if not text.strip():
+        return []
+    return list(tokenizer.encode(wrap_with_system_tags(text)))
+
+
+def piece_text(token: int, tokenizer: Tokenizer) -> str:
+    """What the agent said at this step: '' for padding, else the piece with '▁' as a space."""
+    if token in _PADDING_LABELS:
+        return ""
+    return tokenizer.id_to_piece(token).replace("▁", " ")
+
+
+def piece_label(token: int, tokenizer: Tokenizer) -> str:
+    """The reference offline script's JSON entry for one frame."""
+    return _PADDING_LABELS.get(token) or piece_text(token, tokenizer)
