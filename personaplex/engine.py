@@ -19,7 +19,7 @@ import numpy as np
 import torch
 
 from .audio import normalize_loudness, read_audio
-from .config import CODES_PER_STREAM, FRAME_SIZE
+from .config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS
 from .generate import LMGen, PromptFrames, plan_prompt
 from .loading import CheckpointError, Models, load_voice_embeddings
 from .persona import PromptError, VoicePrompt, build_prompt, encode_voice
@@ -47,6 +47,7 @@ class Engine:
         self.gen = LMGen(models.lm, depformer_steps)
         enable_streaming(models.mimi, num_slots)
         enable_streaming(self.gen, num_slots)
+        self._silence = torch.tensor(SILENCE_TOKENS, device=self.device)[None]  # [1, 8]
 
     # --- personas -----------------------------------------------------------------------
     def voice_from_file(self, path: Path) -> VoicePrompt:
@@ -96,5 +97,7 @@ class Engine:
         mimi = self.models.mimi
         user_codes = mimi.encode(pcm[:, None].to(self.device))[:, :, 0]  # [B, 8]
         out = self.gen.step(user_codes)
-        agent = mimi.decode(out.agent_codes[:, :, None])[:, 0]  # [B, 1920]
+        # A slot never started has no complete frame yet (start tokens): decode silence there.
+        codes = torch.where(out.valid[:, None], out.agent_codes, self._silence)
+        agent = mimi.decode(codes[:, :, None])[:, 0]  # [B, 1920]
         return Frame(pcm=agent, tokens=out.tokens, valid=out.valid)
