@@ -87,13 +87,14 @@ def hub_file(repo: str, name: str) -> Path:
             f"the hub has no repository {repo} that this token can see (check the name; if it is "
             f"private or gated, {_hub_token_hint()})"
         ) from exc
-    except EntryNotFoundError as exc:
-        raise CheckpointError(f"{repo} has no file {name}: is it a PersonaPlex checkpoint?") from exc
     except LocalEntryNotFoundError as exc:
         raise CheckpointError(
-            f"cannot download {name} from {repo}: no connection to the hub and no cached copy. "
+            f"cannot download {name} from {repo}: no connection to the hub (or HF_HUB_OFFLINE is set) "
+            f"and no cached copy. "
             f"Connect to the internet, or pass --checkpoint DIR with the release files"
         ) from exc
+    except EntryNotFoundError as exc:  # after LocalEntryNotFoundError, its subclass
+        raise CheckpointError(f"{repo} has no file {name}: is it a PersonaPlex checkpoint?") from exc
     except HfHubHTTPError as exc:
         raise CheckpointError(f"downloading {name} from {repo} failed: {exc}") from exc
 
