@@ -90,10 +90,25 @@ class Engine:
             else:
                 self.gen.run_prompt(prompt)
 
+    def bucket_for(self, slots: int) -> int:
+        """The smallest batch that covers slots 0..slots-1: a power of two, or all slots."""
+        bucket = 1
+        while bucket < slots:
+            bucket *= 2
+        return min(bucket, self.num_slots)
+
     @torch.inference_mode()
-    def step(self, pcm: torch.Tensor) -> Frame:
-        """pcm [num_slots, 1920] float32 user audio -> one frame of agent audio and text per slot."""
-        assert pcm.shape == (self.num_slots, FRAME_SIZE), f"expected [{self.num_slots}, {FRAME_SIZE}], got {tuple(pcm.shape)}"
+    def step(self, pcm: torch.Tensor, bucket: int | None = None) -> Frame:
+        """pcm [bucket, 1920] float32 user audio for slots 0..bucket-1 (default: all slots)
+        -> one frame of agent audio and text per slot. The other slots do not move."""
+        bucket = bucket or self.num_slots
+        assert pcm.shape == (bucket, FRAME_SIZE), f"expected [{bucket}, {FRAME_SIZE}], got {tuple(pcm.shape)}"
+        if bucket == self.num_slots:
+            return self._step(pcm)
+        with slot_view(self.models.mimi, slice(0, bucket)), slot_view(self.gen, slice(0, bucket)):
+            return self._step(pcm)
+
+    def _step(self, pcm: torch.Tensor) -> Frame:
         mimi = self.models.mimi
         user_codes = mimi.encode(pcm[:, None].to(self.device))[:, :, 0]  # [B, 8]
         out = self.gen.step(user_codes)
