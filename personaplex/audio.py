@@ -52,7 +52,7 @@ def read_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
-                raise AudioError(f"{name} has no audio track")
+                raise AudioError(f"{name} is not an audio file: it has no audio track")
             stream = container.streams.audio[0]
             rate = stream.codec_context.sample_rate or stream.rate
             chunks = []

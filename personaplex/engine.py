@@ -78,8 +78,8 @@ class Engine:
         """Reset `slot` and run its system prompt; the other slots are not touched."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} is not in 0..{self.num_slots - 1}")
-        if prompt.num_frames > self.models.config.lm.context:
-            raise PromptError("the prompt is longer than the model's context")
+        if not 1 <= prompt.num_frames < self.models.config.lm.context:
+            raise PromptError(f"a prompt needs 1 to {self.models.config.lm.context - 1} frames, got {prompt.num_frames}")
         mask = slot_mask(self.num_slots, slot, self.device)
         reset_slots(self.models.mimi, mask)
         reset_slots(self.gen, mask)

@@ -45,6 +45,7 @@ class Busy(RuntimeError):
 @dataclass
 class FrameOut:
     pcm: np.ndarray  # [1920] float32 agent audio
+    user_pcm: np.ndarray  # [1920] float32 the user's audio the engine heard at this tick
     text_id: int
     tick_ms: float  # compute time of the tick that made this frame (all sessions together)
     index: int  # 0-based frame number in the conversation
@@ -73,6 +74,7 @@ class Session:
     ) -> None:
         self.id = next(_ids)
         self.slot = slot
+        self.prompt_frames = 0  # length of its system prompt (80 ms frames)
         self.realtime = realtime
         self.on_frame = on_frame
         self.stats = SessionStats()
@@ -151,13 +153,13 @@ class EngineWorker:
 
     def open_session(
         self,
-        prompt: Callable[[], PromptFrames],
+        prompt: PromptFrames,
         sampling: SamplingParams,
         on_frame: Callable[[FrameOut], None],
         inputs: list[np.ndarray] | None = None,
     ) -> Session:
-        """Reserve a slot and queue the session's system prompt. `prompt` is called on the engine
-        thread (it may encode a voice). Raises `Busy` when every slot is taken.
+        """Reserve a slot and queue the session's system prompt. Raises `Busy` when every slot
+        is taken; a failing prompt closes the session with `error` set.
 
         Without `inputs` the session is real time: the caller pushes frames as they come. With
         `inputs` (a whole recording, [1920] float32 frames) the session runs from them at the
@@ -168,11 +170,12 @@ class EngineWorker:
             if not free:
                 raise Busy(f"all {self.engine.num_slots} conversation slots are in use: try again in a minute")
             session = Session(self, free[0], on_frame, inputs is None, self.max_backlog)
+            session.prompt_frames = prompt.num_frames
             self._sessions[session.slot] = session
 
         def start() -> None:
             try:
-                self.engine.start(session.slot, prompt(), sampling)
+                self.engine.start(session.slot, prompt, sampling)
             except BaseException as exc:
                 session.error = exc
                 self._close(session)
@@ -256,14 +259,14 @@ class EngineWorker:
 
     def _tick(self, live: list[tuple[Session, np.ndarray | None]]) -> None:
         bucket = self.engine.bucket_for(max(s.slot for s, _ in live) + 1)
-        batch = torch.zeros(bucket, FRAME_SIZE)
+        batch = np.zeros((bucket, FRAME_SIZE), dtype=np.float32)
         for session, frame in live:
             if frame is None:
                 session.stats.late += 1
             else:
-                batch[session.slot] = torch.from_numpy(frame)
+                batch[session.slot] = frame
         start = time.perf_counter()
-        out = self.engine.step(batch, bucket)
+        out = self.engine.step(torch.from_numpy(batch), bucket)
         pcm = out.pcm.float().cpu().numpy()  # the one device -> host copy of the tick
         text = out.text.cpu().numpy()
         self.last_tick_ms = (time.perf_counter() - start) * 1000
@@ -274,7 +277,9 @@ class EngineWorker:
             index = session.stats.frames_out
             session.stats.frames_out += 1
             try:
-                session.on_frame(FrameOut(pcm[session.slot].copy(), int(text[session.slot]), self.last_tick_ms, index))
+                session.on_frame(
+                    FrameOut(pcm[session.slot].copy(), batch[session.slot], int(text[session.slot]), self.last_tick_ms, index)
+                )
             except Exception:  # a broken consumer must not stop the other conversations
                 logger.exception("session %d: output callback failed; closing it", session.id)
                 self._close(session)

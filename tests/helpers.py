@@ -48,3 +48,67 @@ def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1, ampl
     t = np.arange(int(seconds * rate)) / rate
     wave = (amplitude * np.sin(2 * np.pi * freq * t)).astype(np.float32)
     return np.stack([wave] * channels)
+
+
+def start_tiny_service(max_sessions: int = 2):
+    """A `Service` on the tiny golden checkpoint (CPU), loaded and ready."""
+    from personaplex.service import Service, Settings
+
+    service = Service(Settings(checkpoint=str(CHECKPOINT), config=str(TINY_CONFIG), device="cpu", max_sessions=max_sessions))
+    service.start()
+    status = service.wait_ready(120)
+    assert status.ready, status.message
+    return service
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class RunningApp:
+    """`python app.py` on the tiny checkpoint, in a subprocess, as the README starts it."""
+
+    def __init__(self, *extra: str) -> None:
+        import os
+        import subprocess
+        import sys
+        import tempfile
+
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
+        args = [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(CHECKPOINT), "--config", str(TINY_CONFIG),
+                "--device", "cpu", "--port", str(self.port), "--max-sessions", "2", *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+        self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
+
+    def wait_ready(self, timeout: float = 120.0) -> None:
+        import time
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.output()
+            if "ready: ready" in text and "Running on local URL" in text:
+                return
+            if self.process.poll() is not None or "failed:" in text:
+                break
+            time.sleep(0.3)
+        raise AssertionError(f"the app did not become ready:\n{self.output()[-3000:]}")
+
+    def output(self) -> str:
+        self.log.flush()
+        return Path(self.log.name).read_text()
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except Exception:
+            self.process.kill()
+
+
+ROOT = Path(__file__).resolve().parents[1]

@@ -1,0 +1,304 @@
+"""Service: what the web app needs from the engine, with no UI code.
+
+Implements:
+  * `Service`: loads the checkpoint in a background thread (the page is up meanwhile) and
+    reports each stage and every problem in plain words with the fix (`status`); then owns the
+    `EngineWorker` and hands out conversations (`open_conversation`) and offline runs;
+  * voices: the checkpoint's voice table (names only, never client paths) and custom voices
+    (`add_custom_voice`: validated, loudness-normalised, encoded once, cached by content hash);
+  * `CallRecorder`: the stereo recording (user left, agent right) and transcript of a call.
+"""
+
+from __future__ import annotations
+
+import enum
+import hashlib
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .audio import AudioError, read_audio, wav_bytes
+from .config import FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
+from .engine import Engine
+from .generate import PromptFrames
+from .loading import CheckpointError, Models, load_models, resolve_checkpoint
+from .persona import VoicePrompt
+from .sampling import SamplingParams
+from .text import piece_text
+from .worker import EngineWorker, FrameOut, Session
+
+logger = logging.getLogger(__name__)
+
+MAX_ROLE_CHARS = 1000  # as the official client
+CUSTOM_VOICE_SECONDS = (2.0, 30.0)
+MAX_UPLOAD_BYTES = 50 * 1024 * 1024
+CUSTOM_VOICE_PREFIX = "custom:"
+SLOT_MEMORY_RESERVE = 4 * 1024**3  # activations, CUDA graphs, allocator slack
+
+
+class State(enum.Enum):
+    STARTING = "starting"
+    DOWNLOADING = "downloading"
+    LOADING = "loading"
+    WARMING_UP = "warming up"
+    READY = "ready"
+    FAILED = "failed"
+
+
+@dataclass(frozen=True)
+class Status:
+    state: State
+    message: str
+    frame_ms: float | None = None  # measured compute time of one frame (warm-up tick)
+
+    @property
+    def ready(self) -> bool:
+        return self.state is State.READY
+
+
+@dataclass(frozen=True)
+class Settings:
+    checkpoint: str | None = None
+    hf_repo: str | None = None
+    config: str | None = None
+    device: str | None = None  # default: cuda if available
+    max_sessions: int | None = None  # default: what fits the device's memory
+    prefill: bool = True
+
+
+class NotReady(RuntimeError):
+    """The model is not loaded (yet)."""
+
+
+class Service:
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        self.config: ModelConfig = PERSONAPLEX_7B
+        self.models: Models | None = None
+        self.engine: Engine | None = None
+        self.worker: EngineWorker | None = None
+        self._status = Status(State.STARTING, "starting")
+        self._voices: dict[str, VoicePrompt] = {}
+        self._custom: OrderedDict[str, VoicePrompt] = OrderedDict()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    # --- loading ------------------------------------------------------------------------
+    def start(self) -> None:
+        """Load in the background; `status` tells how far it got."""
+        self._thread = threading.Thread(target=self._load, name="personaplex-loader", daemon=True)
+        self._thread.start()
+
+    def wait_ready(self, timeout: float | None = None) -> Status:
+        if self._thread is not None:
+            self._thread.join(timeout)
+        return self.status
+
+    @property
+    def status(self) -> Status:
+        return self._status
+
+    def _set(self, state: State, message: str, frame_ms: float | None = None) -> None:
+        self._status = Status(state, message, frame_ms)
+        logger.info("%s: %s", state.value, message)
+
+    def _load(self) -> None:
+        s = self.settings
+        try:
+            if s.device == "cuda" and not torch.cuda.is_available():
+                raise CheckpointError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
+            self.config = load_config(s.config) if s.config else PERSONAPLEX_7B
+            source = s.checkpoint or s.hf_repo or "nvidia/personaplex-7b-v1"
+            self._set(State.DOWNLOADING, f"fetching the weights of {source} (about 17 GB the first time)" if not s.checkpoint else f"reading {source}")
+            files = resolve_checkpoint(s.checkpoint, s.hf_repo)
+            self._set(State.LOADING, f"loading the model onto {self.device}")
+            self.models = load_models(files, self.config, self.device)
+            slots = s.max_sessions or suggest_slots(self.config, self.models.lm.dtype, self.device)
+            self.engine = Engine(self.models, num_slots=slots)
+            self.worker = EngineWorker(self.engine)
+            self._set(State.WARMING_UP, "warming up")
+            frame_ms = self._warm_up()
+            self._set(State.READY, self._ready_message(slots, frame_ms), frame_ms)
+        except (CheckpointError, AudioError, ValueError, OSError, RuntimeError) as exc:
+            logger.exception("loading failed")
+            self._set(State.FAILED, str(exc))
+
+    def _warm_up(self) -> float:
+        """One batched step over every slot, twice; the second one's time is the frame cost."""
+        assert self.worker is not None and self.engine is not None
+        engine = self.engine
+
+        def tick() -> float:
+            start = time.perf_counter()
+            out = engine.step(torch.zeros(engine.num_slots, FRAME_SIZE))
+            out.pcm.cpu()
+            return (time.perf_counter() - start) * 1000
+
+        self.worker.call(tick).result()
+        return self.worker.call(tick).result()
+
+    def _ready_message(self, slots: int, frame_ms: float) -> str:
+        what = f"ready on {self.device} with {slots} conversation slot{'s' * (slots > 1)}; one frame of all slots takes {frame_ms:.0f} ms"
+        if frame_ms > 80:
+            what += (
+                f". That is {frame_ms / 80:.1f}x slower than real time: live audio will stutter. "
+                "Use a GPU for live conversations, or the offline tab here"
+            )
+        return what
+
+    # --- voices -------------------------------------------------------------------------
+    def voice_names(self) -> list[str]:
+        return list(self.models.voices) if self.models else []
+
+    def _require_ready(self) -> tuple[Engine, EngineWorker]:
+        if not self._status.ready or self.engine is None or self.worker is None:
+            raise NotReady(f"the model is not ready: {self._status.message}")
+        return self.engine, self.worker
+
+    def voice(self, name: str) -> VoicePrompt:
+        """A checkpoint voice by name, or a custom voice by its key; cached."""
+        engine, _ = self._require_ready()
+        if name.startswith(CUSTOM_VOICE_PREFIX):
+            with self._lock:
+                voice = self._custom.get(name)
+            if voice is None:
+                raise AudioError("the uploaded voice is no longer available: upload it again")
+            return voice
+        with self._lock:
+            if name not in self._voices:
+                self._voices[name] = engine.voice(name)
+            return self._voices[name]
+
+    def add_custom_voice(self, path: str | Path) -> tuple[str, float]:
+        """Validate, normalise and encode an uploaded voice clip; return (key, seconds)."""
+        engine, worker = self._require_ready()
+        path = Path(path)
+        if path.stat().st_size > MAX_UPLOAD_BYTES:
+            raise AudioError(f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB: upload a short clip of speech")
+        data = path.read_bytes()
+        key = CUSTOM_VOICE_PREFIX + hashlib.sha256(data).hexdigest()[:24]
+        low, high = CUSTOM_VOICE_SECONDS
+        pcm = read_audio(path, max_seconds=high)
+        seconds = pcm.size / SAMPLE_RATE
+        if seconds > high:
+            raise AudioError(f"the clip is {seconds:.1f} s long; use at most {high:g} s of speech")
+        if seconds < low:
+            raise AudioError(f"the clip is {seconds:.1f} s long; use at least {low:g} s of speech")
+        with self._lock:
+            if key in self._custom:
+                return key, seconds
+        voice = worker.call(lambda: engine.voice_from_audio(pcm)).result()
+        with self._lock:
+            self._custom[key] = voice
+            while len(self._custom) > 64:
+                self._custom.popitem(last=False)
+        return key, seconds
+
+    # --- conversations ------------------------------------------------------------------
+    def prompt(self, voice: str, role: str) -> PromptFrames:
+        engine, _ = self._require_ready()
+        if len(role) > MAX_ROLE_CHARS:
+            raise ValueError(f"the role prompt is {len(role)} characters; the limit is {MAX_ROLE_CHARS}")
+        return engine.prompt(self.voice(voice), role)
+
+    def open_conversation(
+        self, voice: str, role: str, sampling: SamplingParams, on_frame: Callable[[FrameOut], None]
+    ) -> Session:
+        _, worker = self._require_ready()
+        return worker.open_session(self.prompt(voice, role), sampling, on_frame)
+
+    def run_offline(
+        self,
+        voice: str,
+        role: str,
+        sampling: SamplingParams,
+        user_pcm: np.ndarray,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> CallRecorder:
+        """The whole recording through the engine (at its pace); returns the finished call."""
+        _, worker = self._require_ready()
+        if user_pcm.size == 0:
+            raise AudioError("the recording is empty")
+        frames = -(-user_pcm.size // FRAME_SIZE)
+        padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
+        padded[: user_pcm.size] = user_pcm
+        chunks = list(padded.reshape(frames, FRAME_SIZE))
+        recorder = CallRecorder(self.models.tokenizer if self.models else None)
+
+        def on_frame(out: FrameOut) -> None:
+            recorder.add(out)
+            if progress is not None:
+                progress(out.index + 1, frames)
+
+        session = worker.open_session(self.prompt(voice, role), sampling, on_frame, inputs=chunks)
+        while not session.closed.wait(0.5):
+            pass
+        if session.error is not None:
+            raise session.error
+        recorder.trim(user_pcm.size)
+        return recorder
+
+
+class CallRecorder:
+    """User and agent audio of a call, frame-aligned, and the agent's text."""
+
+    def __init__(self, tokenizer: object | None) -> None:
+        self.tokenizer = tokenizer
+        self.user: list[np.ndarray] = []
+        self.agent: list[np.ndarray] = []
+        self.pieces: list[str] = []
+        self._length: int | None = None
+
+    def add(self, out: FrameOut) -> str:
+        """Record one frame; return the text piece it adds ('' for none)."""
+        self.user.append(out.user_pcm)
+        self.agent.append(out.pcm)
+        piece = piece_text(out.text_id, self.tokenizer) if self.tokenizer is not None else ""  # type: ignore[arg-type]
+        self.pieces.append(piece)
+        return piece
+
+    def trim(self, samples: int) -> None:
+        self._length = samples
+
+    @property
+    def transcript(self) -> str:
+        return "".join(self.pieces).strip()
+
+    def channel(self, frames: list[np.ndarray]) -> np.ndarray:
+        pcm = np.concatenate(frames) if frames else np.zeros(0, dtype=np.float32)
+        return pcm[: self._length] if self._length is not None else pcm
+
+    def agent_wav(self) -> bytes:
+        return wav_bytes(self.channel(self.agent))
+
+    def stereo_wav(self) -> bytes:
+        return wav_bytes(np.stack([self.channel(self.user), self.channel(self.agent)], axis=1))
+
+    @property
+    def seconds(self) -> float:
+        return len(self.agent) * FRAME_SIZE / SAMPLE_RATE
+
+
+def slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
+    """Device memory one conversation slot holds: the LM's KV cache plus Mimi's states."""
+    lm, mimi = config.lm, config.mimi
+    itemsize = torch.tensor([], dtype=dtype).element_size()
+    kv = 2 * lm.num_layers * lm.context * lm.dim * itemsize
+    mimi_kv = 2 * 2 * mimi.transformer.num_layers * (mimi.transformer.context + 1) * mimi.transformer.d_model * 4
+    return kv + mimi_kv + 8 * 1024**2
+
+
+def suggest_slots(config: ModelConfig, dtype: torch.dtype, device: torch.device, cap: int = 64) -> int:
+    """As many slots as the free device memory holds (after the weights), at most `cap`."""
+    if device.type != "cuda":
+        return 4
+    free, _ = torch.cuda.mem_get_info(device)
+    return max(1, min(cap, int((free - SLOT_MEMORY_RESERVE) // slot_bytes(config, dtype))))
