@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from personaplex.config import TINY
 from personaplex.loading import Models, load_models, resolve_checkpoint
 
-from .helpers import CHECKPOINT, TINY_DIR
+from .helpers import CHECKPOINT, TINY_DIR, RunningApp
 
 torch.set_num_threads(1)  # small tensors: one thread is faster and timing-stable on 2 cores
 
@@ -42,3 +42,14 @@ def _no_leftover_streaming(request: pytest.FixtureRequest):
         loaded = request.getfixturevalue("models")
         disable_streaming(loaded.mimi)
         disable_streaming(loaded.lm)
+
+
+@pytest.fixture(scope="session")
+def running_app():
+    """The app on the tiny checkpoint, started once for the WebRTC and browser tests."""
+    app = RunningApp()
+    try:
+        app.wait_ready()
+        yield app
+    finally:
+        app.stop()

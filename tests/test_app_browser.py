@@ -16,7 +16,7 @@ import pytest
 
 from personaplex.audio import write_wav
 
-from .helpers import ROOT, RunningApp, tone
+from .helpers import ROOT, tone
 
 CHROMIUM = Path("/usr/bin/chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
@@ -41,14 +41,6 @@ INBOUND_ENERGY = """async () => {
 }"""
 
 
-@pytest.fixture(scope="module")
-def running_app():
-    app = RunningApp()
-    try:
-        app.wait_ready()
-        yield app
-    finally:
-        app.stop()
 
 
 @pytest.fixture

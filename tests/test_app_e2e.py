@@ -10,7 +10,7 @@ import sys
 import numpy as np
 import pytest
 
-from .helpers import ROOT, RunningApp
+from .helpers import ROOT
 
 CALL_S = 5.0
 
@@ -23,14 +23,6 @@ def load_client():
     return module
 
 
-@pytest.fixture(scope="module")
-def running_app():
-    app = RunningApp()
-    try:
-        app.wait_ready()
-        yield app
-    finally:
-        app.stop()
 
 
 def test_a_call_over_webrtc_gets_audio_and_a_transcript(running_app):
