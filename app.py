@@ -29,7 +29,7 @@ from personaplex.audio import AudioError, FrameBuffer, float_to_int16, int16_to_
 from personaplex.config import FRAME_SIZE, FRAME_RATE, SAMPLE_RATE
 from personaplex.loading import CheckpointError
 from personaplex.persona import PromptError
-from personaplex.sampling import SamplingParams
+from personaplex.sampling import MAX_TOP_K, SamplingParams
 from personaplex.service import (
     CUSTOM_VOICE_SECONDS,
     MAX_ROLE_CHARS,
@@ -99,6 +99,7 @@ class ConversationHandler(AsyncStreamHandler):
         self.problem: str | None = None
         self.transcript = ""
         self.dropped_out = 0
+        self.filled = 0  # dropped input frames already answered with silence
         self.started = time.monotonic()
         self.last_input = time.monotonic()
         self.refused = False
@@ -143,6 +144,12 @@ class ConversationHandler(AsyncStreamHandler):
 
     def _deliver(self, out: FrameOut, piece: str) -> None:
         self.transcript += piece
+        # Input frames the engine dropped (a burst, a slow tick) get silence: every 80 ms in
+        # still gives 80 ms out, and the browser's playback clock stays with the microphone's.
+        dropped = self.session.stats.dropped if self.session is not None else 0
+        for _ in range(dropped - self.filled):
+            self._queue((SAMPLE_RATE, SILENCE[None]))
+        self.filled = max(self.filled, dropped)
         audio = (SAMPLE_RATE, float_to_int16(out.pcm)[None])
         if piece or out.index % HEALTH_EVERY == 0:
             self._queue((audio, AdditionalOutputs(self.transcript.strip(), self._health(out))))
@@ -163,7 +170,8 @@ class ConversationHandler(AsyncStreamHandler):
         left = max(0.0, context_s - elapsed - (session.prompt_frames if session else 0) / FRAME_RATE)
         rows = [
             ("engine tick", f"{out.tick_ms:.1f} ms per 80 ms frame (real-time factor {out.tick_ms / 80:.2f})"),
-            ("dropped frames", f"{(stats.dropped if stats else 0) + self.dropped_out} dropped, {stats.late if stats else 0} late"),
+            ("dropped frames", f"{stats.dropped if stats else 0} of your audio, {self.dropped_out} of the model's, "
+                               f"{stats.late if stats else 0} ticks without your audio"),
             ("call time", f"{clock(elapsed)} (the model remembers about {clock(context_s)})"),
         ]
         warning = ""
@@ -219,9 +227,9 @@ def build_ui(service: Service, time_limit: float | None, max_sessions: int) -> g
                     custom_key = gr.Textbox("", visible=False)
                 with gr.Accordion("Sampling (advanced)", open=False):
                     temp_text = gr.Slider(0.0, 1.5, 0.7, step=0.05, label="Text temperature")
-                    topk_text = gr.Slider(0, 100, 25, step=1, label="Text top-k (0: no limit)")
+                    topk_text = gr.Slider(1, MAX_TOP_K["text"], 25, step=1, label="Text top-k")
                     temp_audio = gr.Slider(0.0, 1.5, 0.8, step=0.05, label="Audio temperature")
-                    topk_audio = gr.Slider(0, 2048, 250, step=1, label="Audio top-k (0: no limit)")
+                    topk_audio = gr.Slider(1, MAX_TOP_K["audio"], 250, step=1, label="Audio top-k")
                     seed = gr.Number(-1, precision=0, label="Seed (-1: random)")
                     greedy = gr.Checkbox(False, label="Greedy decoding")
             with gr.Column(scale=3, min_width=360):

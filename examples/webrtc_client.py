@@ -61,7 +61,8 @@ class CallResult:
     events: list[dict] = field(default_factory=list)  # data-channel messages
     output_updates: int = 0  # transcript/health updates seen through Gradio
     connected_after_s: float | None = None
-    first_audio_after_s: float | None = None
+    first_frame_after_s: float | None = None  # the first frame of the remote track
+    first_audio_after_s: float | None = None  # the first frame that is not silence
 
 
 def _apply(value: str, diff: object) -> str:
@@ -165,6 +166,8 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
                     except Exception:
                         return
                     pcm = frame.to_ndarray().reshape(-1, len(frame.layout.channels)).mean(axis=1) / 32768.0
+                    if result.first_frame_after_s is None:
+                        result.first_frame_after_s = time.monotonic() - started
                     if result.first_audio_after_s is None and np.abs(pcm).max() > 1e-3:
                         result.first_audio_after_s = time.monotonic() - started
                     received.append(pcm.astype(np.float32))
@@ -178,7 +181,7 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
             await pc.close()
             raise RuntimeError(f"the app refused the call: {answer}")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-        await asyncio.sleep(seconds)
+        await asyncio.sleep(max(0.0, started + seconds - time.monotonic()))
         stop.set()
         await pc.close()
         for task in tasks:

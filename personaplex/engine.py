@@ -21,6 +21,7 @@ import torch
 from .audio import normalize_loudness, read_audio
 from .config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS
 from .generate import LMGen, PromptFrames, plan_prompt
+from .graphs import StepGraphs, graphs_enabled
 from .loading import CheckpointError, Models, load_voice_embeddings
 from .persona import PromptError, VoicePrompt, build_prompt, encode_voice
 from .sampling import SamplingParams
@@ -40,7 +41,15 @@ class Frame:
 
 
 class Engine:
-    def __init__(self, models: Models, num_slots: int = 1, depformer_steps: int = CODES_PER_STREAM) -> None:
+    """Takes over the streaming state of `models`: one engine per loaded model at a time."""
+
+    def __init__(
+        self,
+        models: Models,
+        num_slots: int = 1,
+        depformer_steps: int = CODES_PER_STREAM,
+        cuda_graphs: bool | None = None,
+    ) -> None:
         self.models = models
         self.num_slots = num_slots
         self.device = models.device
@@ -48,6 +57,13 @@ class Engine:
         enable_streaming(models.mimi, num_slots)
         enable_streaming(self.gen, num_slots)
         self._silence = torch.tensor(SILENCE_TOKENS, device=self.device)[None]  # [1, 8]
+        self._graphs: StepGraphs | None = None
+        if graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs:
+            self._graphs = StepGraphs(self._step_bucket, lambda b: (b, FRAME_SIZE), self.device)
+            with torch.inference_mode():
+                self._graphs.capture(self.buckets())
+                reset_slots(models.mimi, None)  # capture stepped every slot: start them afresh
+                reset_slots(self.gen, None)
 
     # --- personas -----------------------------------------------------------------------
     def voice_from_file(self, path: Path) -> VoicePrompt:
@@ -90,19 +106,33 @@ class Engine:
             else:
                 self.gen.run_prompt(prompt)
 
+    def buckets(self) -> list[int]:
+        """Batch sizes a tick may use: powers of two below `num_slots`, and `num_slots`."""
+        sizes = [1 << i for i in range(self.num_slots.bit_length()) if 1 << i < self.num_slots]
+        return sizes + [self.num_slots]
+
     def bucket_for(self, slots: int) -> int:
-        """The smallest batch that covers slots 0..slots-1: a power of two, or all slots."""
-        bucket = 1
-        while bucket < slots:
-            bucket *= 2
-        return min(bucket, self.num_slots)
+        """The smallest bucket that covers slots 0..slots-1."""
+        return next(b for b in self.buckets() if b >= slots)
 
     @torch.inference_mode()
     def step(self, pcm: torch.Tensor, bucket: int | None = None) -> Frame:
         """pcm [bucket, 1920] float32 user audio for slots 0..bucket-1 (default: all slots)
-        -> one frame of agent audio and text per slot. The other slots do not move."""
+        -> one frame of agent audio and text per slot. The other slots do not move. On CUDA the
+        returned tensors are the graph's buffers: valid until the next step."""
         bucket = bucket or self.num_slots
         assert pcm.shape == (bucket, FRAME_SIZE), f"expected [{bucket}, {FRAME_SIZE}], got {tuple(pcm.shape)}"
+        if self._graphs is not None and bucket in self._graphs:
+            return self._graphs.run(pcm, bucket)  # type: ignore[return-value]
+        return self._step_bucket(pcm.to(self.device), bucket)
+
+    @torch.inference_mode()
+    def step_slot(self, pcm: torch.Tensor, slot: int) -> Frame:
+        """One frame for one slot alone ([1, 1920] in), eagerly: the naive loop of the benchmark."""
+        with slot_view(self.models.mimi, slice(slot, slot + 1)), slot_view(self.gen, slice(slot, slot + 1)):
+            return self._step(pcm.to(self.device))
+
+    def _step_bucket(self, pcm: torch.Tensor, bucket: int) -> Frame:
         if bucket == self.num_slots:
             return self._step(pcm)
         with slot_view(self.models.mimi, slice(0, bucket)), slot_view(self.gen, slice(0, bucket)):
@@ -110,9 +140,11 @@ class Engine:
 
     def _step(self, pcm: torch.Tensor) -> Frame:
         mimi = self.models.mimi
-        user_codes = mimi.encode(pcm[:, None].to(self.device))[:, :, 0]  # [B, 8]
+        # 1. the user's audio -> Mimi codes
+        user_codes = mimi.encode(pcm[:, None])[:, :, 0]  # [B, 8]
+        # 2. one LM step: text and the agent's codes
         out = self.gen.step(user_codes)
-        # A slot never started has no complete frame yet (start tokens): decode silence there.
+        # 3. the agent's codes -> audio; a slot never started has start tokens: decode silence there
         codes = torch.where(out.valid[:, None], out.agent_codes, self._silence)
         agent = mimi.decode(codes[:, :, None])[:, 0]  # [B, 1920]
         return Frame(pcm=agent, tokens=out.tokens, valid=out.valid)

@@ -25,7 +25,7 @@ import torch
 
 from .config import CODES_PER_STREAM, UNGENERATED_ID, LMConfig
 from .lm import LMModel
-from .sampling import SamplingParams, race_noise, sample_tokens
+from .sampling import MAX_TOP_K, SamplingParams, race_noise, sample_tokens
 from .streaming import StreamingModule, StreamingState
 
 RING_SIZE = 4  # max delay (1) + 3, as in the reference: every slot is rewritten before it is read
@@ -52,7 +52,7 @@ class RingState(StreamingState):
     offset: torch.Tensor  # [B] long, frames consumed since the reset
     initial: torch.Tensor  # [B, 17] long, the start-of-sequence tokens (text_card, card, ...)
     temperature: torch.Tensor  # [B, 2] float: text, audio (0 = greedy)
-    top_k: torch.Tensor  # [B, 2] long: text, audio (0 = no limit)
+    top_k: torch.Tensor  # [B, 2] long: text, audio
     seed: torch.Tensor  # [B] long
 
     def reset(self, mask: torch.Tensor) -> None:
@@ -157,6 +157,7 @@ class LMGen(StreamingModule):
         assert 1 <= depformer_steps <= lm.cfg.dep_q
         self.lm = lm
         self.depformer_steps = depformer_steps
+        self.register_buffer("delays", torch.tensor(lm.cfg.delays, device=lm.device), persistent=False)
 
     def make_state(self, batch_size: int) -> RingState:
         return new_ring_state(self.lm.cfg, batch_size, self.lm.device)
@@ -165,9 +166,6 @@ class LMGen(StreamingModule):
     def ring(self) -> RingState:
         assert isinstance(self.state, RingState), "use LMGen inside streaming(lm_gen, batch_size)"
         return self.state
-
-    def delays(self) -> torch.Tensor:
-        return torch.tensor(self.lm.cfg.delays, device=self.ring.cache.device)
 
     def set_sampling(self, mask: torch.Tensor, params: SamplingParams) -> None:
         """Give the slots where `mask` is True these decoding settings and random seed."""
@@ -186,7 +184,7 @@ class LMGen(StreamingModule):
         B = user_codes.shape[0]
         assert user_codes.shape == (B, CODES_PER_STREAM), f"expected [B, 8] user codes, got {tuple(user_codes.shape)}"
         # 1. ring: write the user's codes, read this step's input and target columns
-        inputs, target, provided = ring_prepare(self.ring, self.delays(), user_codes)
+        inputs, target, provided = ring_prepare(self.ring, self.delays, user_codes)
         # 2. temporal transformer on one column
         h = lm.forward_embeddings(lm.embed(inputs[:, :, None]))[:, 0]  # [B, dim]
         # 3. text token, unless given
@@ -196,20 +194,25 @@ class LMGen(StreamingModule):
         audio = self._depformer(h, next_text, target[:, 1:], provided[:, 1:])  # [B, steps]
         # 5. fill, emit, advance (rows past the depformer steps are the user's: always given)
         sampled = torch.cat([text[:, None], audio, target[:, 1 + audio.shape[1] :]], dim=1)
-        return ring_commit(self.ring, self.delays(), sampled)
+        return ring_commit(self.ring, self.delays, sampled)
 
     def step_forced(self, frame: torch.Tensor, embeddings: torch.Tensor | None = None) -> None:
         """One prompt frame: frame [B, 17] gives every row, so nothing is sampled. With
         `embeddings` [B, dim] the transformer reads them instead of the ring column."""
-        inputs, _, _ = ring_prepare(self.ring, self.delays(), frame)
+        inputs, _, _ = ring_prepare(self.ring, self.delays, frame)
         x = embeddings[:, None] if embeddings is not None else self.lm.embed(inputs[:, :, None])
         self.lm.forward_embeddings(x)
-        ring_commit(self.ring, self.delays(), None)
+        ring_commit(self.ring, self.delays, None)
 
     def _sample(self, logits: torch.Tensor, stream: int, kind: int) -> torch.Tensor:
         ring = self.ring
-        noise = race_noise(ring.seed, ring.offset, stream, logits.shape[-1])
-        return sample_tokens(logits, ring.temperature[:, kind], ring.top_k[:, kind], noise)
+        return sample_tokens(
+            logits,
+            ring.temperature[:, kind],
+            ring.top_k[:, kind],
+            lambda ids: race_noise(ring.seed, ring.offset, stream, ids),
+            MAX_TOP_K["text" if kind == 0 else "audio"],
+        )
 
     def _depformer(self, h: torch.Tensor, text: torch.Tensor, target: torch.Tensor, provided: torch.Tensor) -> torch.Tensor:
         lm, steps = self.lm, self.depformer_steps

@@ -20,11 +20,11 @@ import numpy as np
 import torch
 
 from .audio import AudioError, read_audio, write_wav
-from .config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, ConfigError, load_config
+from .config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, load_config
 from .engine import Engine
 from .generate import PromptFrames
 from .loading import DEFAULT_REPO, CheckpointError, list_voices, load_models, resolve_checkpoint
-from .persona import PromptError, VoicePrompt
+from .persona import VoicePrompt
 from .sampling import SamplingParams
 from .text import piece_label
 
@@ -105,14 +105,14 @@ def _voice(engine: Engine, value: str, voice_dir: str | None) -> VoicePrompt:
 def run(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
+    seed = args.seed if args.seed != -1 else int.from_bytes(os.urandom(4), "little")
+    sampling = SamplingParams(args.temp_text, args.topk_text, args.temp_audio, args.topk_audio, args.greedy, seed)
     config = load_config(args.config) if args.config else PERSONAPLEX_7B
     user_pcm = read_audio(args.input_wav)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     models = load_models(resolve_checkpoint(args.checkpoint, args.hf_repo), config, args.device, dtype)
     engine = Engine(models, num_slots=1)
     prompt = engine.prompt(_voice(engine, args.voice_prompt, args.voice_prompt_dir), args.text_prompt)
-    seed = args.seed if args.seed != -1 else int.from_bytes(os.urandom(4), "little")
-    sampling = SamplingParams(args.temp_text, args.topk_text, args.temp_audio, args.topk_audio, args.greedy, seed)
     frames = -(-user_pcm.size // FRAME_SIZE)
     from tqdm import tqdm
 
@@ -130,7 +130,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with torch.inference_mode():
             run(args)
-    except (AudioError, CheckpointError, PromptError, ConfigError) as exc:
+    except (ValueError, CheckpointError) as exc:  # AudioError, PromptError, ConfigError and bad settings
         logger.error("%s", exc)
         return 2
     return 0

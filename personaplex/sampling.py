@@ -2,6 +2,7 @@
 
 Implements `SamplingParams`, `sample_tokens` (greedy, or temperature + top-k through the
 exponential race `argmax(p / q)`, q ~ Exp(1), as the reference does) and `race_noise`.
+A top-k of 0 ("no limit" in the reference) is not offered: at most `MAX_TOP_K` candidates.
 
 The noise is a hash of (slot seed, slot step, stream, vocabulary index) instead of draws from a
 `torch.Generator`: each conversation gets its own reproducible stream whatever else runs in the
@@ -12,11 +13,17 @@ the order of every draw on the device (REFERENCE_SPEC 8.17; decision 5).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
 _MASK32 = 0xFFFFFFFF
+
+
+# Largest top-k: sampling looks at this many candidates, whatever each slot's own k (a static
+# shape, cheaper than sorting the vocabulary, and fixed for CUDA graphs).
+MAX_TOP_K = {"text": 100, "audio": 500}
 
 
 @dataclass(frozen=True)
@@ -34,9 +41,9 @@ class SamplingParams:
         for name in ("temp_text", "temp_audio"):
             if not 0.0 <= getattr(self, name) <= 10.0:
                 raise ValueError(f"{name} must be between 0 and 10, got {getattr(self, name)}")
-        for name in ("topk_text", "topk_audio"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be 0 (no limit) or positive, got {getattr(self, name)}")
+        for name, kind in (("topk_text", "text"), ("topk_audio", "audio")):
+            if not 1 <= getattr(self, name) <= MAX_TOP_K[kind]:
+                raise ValueError(f"{name} must be between 1 and {MAX_TOP_K[kind]}, got {getattr(self, name)}")
 
     @property
     def text_temperature(self) -> float:
@@ -62,26 +69,30 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def race_noise(seed: torch.Tensor, step: torch.Tensor, stream: int, size: int) -> torch.Tensor:
-    """Exp(1) noise [B, size] for each slot's (seed [B], step [B]) and a stream id."""
+def race_noise(seed: torch.Tensor, step: torch.Tensor, stream: int, tokens: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise [B, K] for the token ids `tokens` [B, K] of each slot's (seed [B], step [B])
+    and a stream id: the noise of a token does not depend on which other tokens are drawn."""
     key = _mix32((seed & _MASK32) ^ _mix32((step * 64 + stream) & _MASK32))  # [B]
-    index = torch.arange(size, device=seed.device, dtype=torch.int64)
-    bits = _mix32(key[:, None] ^ _mul32(index, 0x9E3779B9)[None])  # [B, size]
+    bits = _mix32(key[:, None] ^ _mul32(tokens, 0x9E3779B9))  # [B, K]
     uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
     return -torch.log(uniform)
 
 
 def sample_tokens(
-    logits: torch.Tensor, temperature: torch.Tensor, top_k: torch.Tensor, noise: torch.Tensor
+    logits: torch.Tensor,
+    temperature: torch.Tensor,
+    top_k: torch.Tensor,
+    noise: Callable[[torch.Tensor], torch.Tensor],
+    max_top_k: int,
 ) -> torch.Tensor:
-    """logits [B, V] -> tokens [B]. Per slot: greedy where temperature <= 0, else top-k
-    (0 = the whole vocabulary) sampling at that temperature, using the Exp(1) noise [B, V]."""
+    """logits [B, V] -> tokens [B]. Per slot: greedy where temperature <= 0, else sampling at that
+    temperature among its top_k (<= max_top_k) tokens; `noise(token_ids [B, K])` gives Exp(1) noise."""
     logits = logits.float()
-    V = logits.shape[-1]
-    greedy = logits.argmax(dim=-1)
-    scaled = logits / temperature.clamp(min=1e-5)[:, None]
-    k = torch.where((top_k <= 0) | (top_k > V), V, top_k)  # [B]
-    kth = scaled.sort(dim=-1, descending=True).values.gather(1, (k - 1)[:, None])  # [B, 1]
+    greedy = logits.argmax(dim=-1)  # the first maximum, as the reference
+    values, ids = logits.topk(min(max_top_k, logits.shape[-1]), dim=-1)  # [B, K], descending
+    scaled = values / temperature.clamp(min=1e-5)[:, None]
+    ranks = torch.arange(values.shape[-1], device=logits.device)[None]
     # argmax(p / q) == argmax(log p - log q); log p is `scaled` up to a per-row constant.
-    race = torch.where(scaled >= kth, scaled - torch.log(noise), -torch.inf)
-    return torch.where(temperature > 0, race.argmax(dim=-1), greedy)
+    race = torch.where(ranks < top_k[:, None], scaled - torch.log(noise(ids)), -torch.inf)
+    sampled = ids.gather(1, race.argmax(dim=-1, keepdim=True))[:, 0]
+    return torch.where(temperature > 0, sampled, greedy)

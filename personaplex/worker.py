@@ -5,8 +5,10 @@ Implements:
     a custom voice's encoding); each tick it takes one input frame from every live session
     and runs one batched `Engine.step` over the smallest slot range that holds them all;
   * `Session`: one conversation's handle, used from any thread. `push` queues 80 ms of the
-    user's audio (bounded: the oldest frames are dropped, never a growing delay), outputs go to
-    the `on_frame` callback, `close` frees the slot;
+    user's audio, outputs go to the `on_frame` callback, `close` frees the slot. The queue
+    absorbs bursts of up to `max_backlog` frames (the engine catches up at once when it is
+    faster than real time); beyond that the oldest frames are dropped and counted, and a
+    backlog that stands for 2 s is shed a frame at a time, so latency never grows;
   * `Busy`: every slot is taken.
 
 A tick starts once every live real-time session has a frame queued, or when the oldest queued
@@ -84,6 +86,7 @@ class Session:
         self._worker = worker
         self._inputs: collections.deque[np.ndarray] = collections.deque()
         self._max_backlog = max_backlog
+        self._window, self._standing = 0, 1 << 30  # ticks in the window, smallest backlog seen
         self._last_input = time.monotonic()
         self._oldest_input: float | None = None
 
@@ -111,12 +114,23 @@ class Session:
         return len(self._inputs)
 
     def _take(self) -> np.ndarray | None:
+        """The next input frame for a tick. A backlog that stands for a whole window (the
+        client keeps a steady lead, e.g. after a burst) is shed one frame per window."""
+        if self.realtime:
+            self._standing = min(self._standing, len(self._inputs))
+            self._window += 1
+            if self._window >= STANDING_WINDOW:
+                if self._standing >= 2:
+                    self._inputs.popleft()
+                    self.stats.dropped += 1
+                self._window, self._standing = 0, 1 << 30
         frame = self._inputs.popleft() if self._inputs else None
         self._oldest_input = time.monotonic() if self._inputs else None
         return frame
 
 
 _ids = itertools.count(1)
+STANDING_WINDOW = 25  # ticks (2 s)
 
 
 class EngineWorker:
@@ -125,7 +139,7 @@ class EngineWorker:
         engine: Engine,
         max_wait_s: float = 0.1,
         idle_timeout_s: float = 4.0,
-        max_backlog: int = 2,
+        max_backlog: int = 6,
     ) -> None:
         self.engine = engine
         self.max_wait_s = max_wait_s

@@ -99,9 +99,11 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is
         (lambda p: {"--voice-prompt": corrupt_input(p)}, "bad.wav could not be decoded"),
         (lambda p: {"--checkpoint": p}, "missing model.safetensors: looked for"),
         (lambda p: {"--config": small_context_config(p)}, "role text is 68 tokens; with this voice at most 27 fit"),
+        (lambda p: {"--topk-audio": 0}, "topk_audio must be between 1 and 500"),
         pytest.param(lambda p: {"--device": "cuda"}, "no CUDA GPU is available", marks=NO_CUDA),
     ],
-    ids=["corrupt-input", "empty-input", "unknown-voice", "corrupt-voice", "missing-checkpoint", "role-too-long", "no-cuda"],
+    ids=["corrupt-input", "empty-input", "unknown-voice", "corrupt-voice", "missing-checkpoint", "role-too-long",
+         "bad-top-k", "no-cuda"],
 )
 def test_bad_inputs_give_a_clear_message(tmp_path, caplog, overrides, message):
     args = {"--input-wav": TINY_DIR / "user.wav", "--voice-prompt": "TESTV0", "--checkpoint": CHECKPOINT,

@@ -1,0 +1,188 @@
+"""Engine speed: ms per 80 ms frame against concurrent sessions, time to first audio, and the
+naive loop (one session after another, frame by frame) side by side.
+
+    python -m benchmarks.step --device cpu --preset tiny --sessions 1,2,4,8
+    python -m benchmarks.step --device cuda --preset 7b --sessions 1,8,32,64 --json
+
+Weights are random (the 7B preset needs no download): speed does not depend on their values.
+A tick is timed from the user's audio on the host to the agent's audio back on the host, as
+the engine thread of the app does it. On CPU the naive loop is measured; on CUDA it is
+N x the graphed single-session tick (the reference runs one session at a time the same way).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import sys
+import time
+
+import torch
+
+from personaplex.config import FRAME_SIZE, PRESETS, ModelConfig
+from personaplex.engine import Engine
+from personaplex.lm import LMModel
+from personaplex.loading import Models
+from personaplex.mimi import Mimi
+from personaplex.persona import VoicePrompt, build_prompt
+from personaplex.sampling import SamplingParams
+
+VOICE_FRAMES = 50  # 4 s of voice prompt
+ROLE_TOKENS = 60
+
+
+def random_models(config: ModelConfig, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Models:
+    """Mimi and the LM with random weights of a sensible scale, built straight on the device."""
+    torch.manual_seed(seed)
+    with torch.device("meta"):
+        mimi, lm = Mimi(config.mimi), LMModel(config.lm)
+    mimi, lm = mimi.to_empty(device=device), lm.to_empty(device=device).to(dtype)
+    for module in (mimi, lm):
+        for name, tensor in module.state_dict().items():
+            if name.endswith(("alpha", "norm1.weight", "norm2.weight", "cluster_usage", "_initialized")):
+                tensor.fill_(1.0)
+            elif name.endswith(("bias", "scale")):
+                tensor.fill_(0.01 if name.endswith("scale") else 0.0)
+            else:
+                tensor.normal_(0.0, 0.02 if "embedding_sum" not in name else 1.0)
+    return Models(config, mimi.eval(), lm.eval(), None, {}, device)
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def persona(config: ModelConfig, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    voice = VoicePrompt(codes=torch.randint(0, config.mimi.quantizer.bins, (8, VOICE_FRAMES), generator=g))
+    role = torch.randint(4, config.lm.text_card, (ROLE_TOKENS,), generator=g).tolist()
+    return build_prompt(voice, role, config.lm)
+
+
+def time_ticks(engine: Engine, n: int, ticks: int, warmup: int) -> list[float]:
+    bucket = engine.bucket_for(n)
+    pcm = 0.1 * torch.randn(bucket, FRAME_SIZE)
+    times = []
+    for i in range(warmup + ticks):
+        start = time.perf_counter()
+        out = engine.step(pcm, bucket)
+        out.pcm.cpu()  # the host copy the engine thread makes; it also waits for the device
+        if i >= warmup:
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def time_naive(engine: Engine, n: int, ticks: int) -> list[float]:
+    pcm = 0.1 * torch.randn(1, FRAME_SIZE)
+    times = []
+    for i in range(ticks + 1):
+        start = time.perf_counter()
+        for slot in range(n):
+            engine.step_slot(pcm, slot).pcm.cpu()
+        if i:
+            times.append((time.perf_counter() - start) * 1000)
+    return times
+
+
+def time_to_first_audio(engine: Engine, config: ModelConfig, prefill: bool, repeats: int) -> float:
+    """Reset a slot, run a 4 s voice + 60-token role prompt, and produce the first audio frame."""
+    results = []
+    for r in range(repeats):
+        prompt = persona(config, seed=100 + r)
+        sync(engine.device)
+        start = time.perf_counter()
+        engine.start(0, prompt, SamplingParams(seed=r), prefill=prefill)
+        engine.step(torch.zeros(1, FRAME_SIZE), 1).pcm.cpu()
+        results.append((time.perf_counter() - start) * 1000)
+    return statistics.median(results)
+
+
+def percentile(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(round(q * (len(ordered) - 1))))]
+
+
+def run(args: argparse.Namespace) -> dict:
+    device = torch.device(args.device)
+    config = PRESETS[args.preset]
+    dtype = torch.bfloat16 if device.type == "cuda" and args.preset == "7b" else torch.float32
+    if args.dtype:
+        dtype = getattr(torch, args.dtype)
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    sessions = [int(s) for s in args.sessions.split(",")]
+    models = random_models(config, device, dtype)
+    engine = Engine(models, num_slots=max(sessions))
+    for slot in range(max(sessions)):
+        engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot))
+    rows = []
+    for n in sessions:
+        batched = time_ticks(engine, n, args.ticks, args.warmup)
+        median = statistics.median(batched)
+        if device.type == "cuda":
+            naive = [t * n for t in time_ticks(engine, 1, args.ticks, args.warmup)]
+        else:
+            naive = time_naive(engine, n, max(3, args.ticks // 4))
+        naive_median = statistics.median(naive)
+        rows.append({
+            "sessions": n, "bucket": engine.bucket_for(n), "median_ms": round(median, 2),
+            "p99_ms": round(percentile(batched, 0.99), 2), "rtf": round(median / 80, 3),
+            "frames_per_s": round(n * 1000 / median, 1), "naive_median_ms": round(naive_median, 2),
+            "speedup_vs_naive": round(naive_median / median, 2),
+        })
+    ttfa = {
+        "prefill_ms": round(time_to_first_audio(engine, config, True, args.repeats), 1),
+        "stepped_ms": round(time_to_first_audio(engine, config, False, max(1, args.repeats // 2)), 1),
+    }
+    result = {
+        "preset": args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
+        "cuda_graphs": engine._graphs is not None, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
+        "torch": torch.__version__, "ticks": args.ticks, "rows": rows, "time_to_first_audio": ttfa,
+    }
+    if device.type == "cuda":
+        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+    return result
+
+
+def render(result: dict) -> str:
+    lines = [
+        f"{result['preset']} on {result['device']} ({result['hardware']}), {result['dtype']}, "
+        f"CUDA graphs: {result['cuda_graphs']}, {result['ticks']} ticks per row",
+        "sessions  bucket  median ms  p99 ms    RTF  frames/s  naive ms  speed-up",
+    ]
+    for r in result["rows"]:
+        lines.append(
+            f"{r['sessions']:>8}  {r['bucket']:>6}  {r['median_ms']:>9}  {r['p99_ms']:>6}  {r['rtf']:>5}  "
+            f"{r['frames_per_s']:>8}  {r['naive_median_ms']:>8}  {r['speedup_vs_naive']:>7}x"
+        )
+    t = result["time_to_first_audio"]
+    lines.append(f"time to first audio (4 s voice + {ROLE_TOKENS}-token role): prefill {t['prefill_ms']} ms, "
+                 f"frame by frame {t['stepped_ms']} ms")
+    if "max_memory_gib" in result:
+        lines.append(f"peak device memory: {result['max_memory_gib']} GiB")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
+    p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
+    p.add_argument("--sessions", default="1,2,4,8")
+    p.add_argument("--ticks", type=int, default=40)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--repeats", type=int, default=5, help="time-to-first-audio repetitions")
+    p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    args = p.parse_args(argv)
+    with torch.inference_mode():
+        result = run(args)
+    sys.stdout.write((json.dumps(result) if args.json else render(result)) + "\n")
+
+
+if __name__ == "__main__":
+    main()

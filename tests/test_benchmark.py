@@ -1,0 +1,16 @@
+"""The benchmark runs on CPU in seconds and prints one JSON object (figures live in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import json
+
+from benchmarks.step import main
+
+
+def test_benchmark_json(capsys):
+    main(["--device", "cpu", "--preset", "tiny", "--sessions", "1,3", "--ticks", "3", "--warmup", "1", "--repeats", "1", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert [r["sessions"] for r in result["rows"]] == [1, 3] and [r["bucket"] for r in result["rows"]] == [1, 3]
+    for row in result["rows"]:
+        assert row["median_ms"] > 0 and row["p99_ms"] >= row["median_ms"] and row["naive_median_ms"] > 0
+    assert result["time_to_first_audio"]["prefill_ms"] > 0 and result["cuda_graphs"] is False
