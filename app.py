@@ -26,7 +26,7 @@ import spaces
 from fastrtc import AdditionalOutputs, AsyncStreamHandler, CloseStream, WebRTC, wait_for_item
 
 from personaplex.audio import AudioError, FrameBuffer, float_to_int16, int16_to_float, read_audio
-from personaplex.config import FRAME_SIZE, FRAME_RATE, SAMPLE_RATE
+from personaplex.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
 from personaplex.loading import CheckpointError
 from personaplex.persona import PromptError
 from personaplex.sampling import MAX_TOP_K, SamplingParams
@@ -110,7 +110,7 @@ class ConversationHandler(AsyncStreamHandler):
     async def start_up(self) -> None:
         await self.wait_for_args()
         self._loop = asyncio.get_running_loop()
-        webrtc_id, (persona, role, voice, custom_key, consent, *sampling) = self.latest_args[1], self.latest_args[-11:]
+        webrtc_id, (role, voice, custom_key, consent, *sampling) = self.latest_args[1], self.latest_args[-10:]
         try:
             if voice == CUSTOM_VOICE:
                 if not custom_key or not consent:
@@ -214,7 +214,7 @@ def build_ui(service: Service, time_limit: float | None, max_sessions: int) -> g
                 role = gr.Textbox(personas[default]["prompt"], label="Role prompt", lines=5, elem_id="role",
                                   info="Who the model is and what it knows. May be empty.")
                 role_count = gr.Markdown(role_counter(personas[default]["prompt"]), elem_id="role_count")
-                voice = gr.Dropdown(RELEASE_VOICES + [CUSTOM_VOICE], value=personas[default].get("voice", "NATF2"), label="Voice", elem_id="voice",
+                voice = gr.Dropdown([*RELEASE_VOICES, CUSTOM_VOICE], value=personas[default].get("voice", "NATF2"), label="Voice", elem_id="voice",
                                     allow_custom_value=True)  # the checkpoint's list arrives after loading; names are checked there
                 with gr.Accordion("Custom voice", open=False):
                     gr.Markdown(
@@ -257,7 +257,7 @@ def build_ui(service: Service, time_limit: float | None, max_sessions: int) -> g
         role.change(role_counter, inputs=role, outputs=role_count, show_progress="hidden")
         voice_file.upload(lambda path, ok, key: add_voice(service, path, ok, key), inputs=[voice_file, consent, custom_key],
                           outputs=[voice_status, custom_key, voice])
-        webrtc.stream(handler, inputs=[webrtc, persona, role, voice, custom_key, consent, *sampling], outputs=[webrtc],
+        webrtc.stream(handler, inputs=[webrtc, role, voice, custom_key, consent, *sampling], outputs=[webrtc],
                       time_limit=time_limit, concurrency_limit=max_sessions + 4)
         webrtc.on_additional_outputs(lambda text, html: (text, html), outputs=[transcript, health], queue=True,
                                      concurrency_limit=None, show_progress="hidden")
@@ -282,7 +282,7 @@ def poll_status(service: Service, current: str):
     done = service.status.state in (State.READY, State.FAILED)
     voices = service.voice_names() or RELEASE_VOICES
     value = current if current in voices or current == CUSTOM_VOICE else voices[0]
-    return status_markdown(service), gr.update(choices=voices + [CUSTOM_VOICE], value=value), gr.Timer(active=not done)
+    return status_markdown(service), gr.update(choices=[*voices, CUSTOM_VOICE], value=value), gr.Timer(active=not done)
 
 
 def role_counter(text: str | None) -> str:
@@ -328,7 +328,7 @@ def show_call_files(call: CallRecorder | None):
 
 
 @spaces.GPU(duration=120)
-def run_offline(service: Service, path, role, voice, custom_key, consent, *sampling, progress=gr.Progress()):
+def run_offline(service: Service, path, role, voice, custom_key, consent, *sampling, progress=gr.Progress()):  # noqa: B008 (Gradio reads it from the signature)
     if not path:
         raise gr.Error("Upload or record the user's side first.")
     if voice == CUSTOM_VOICE:

@@ -109,7 +109,7 @@ class Engine:
     def buckets(self) -> list[int]:
         """Batch sizes a tick may use: powers of two below `num_slots`, and `num_slots`."""
         sizes = [1 << i for i in range(self.num_slots.bit_length()) if 1 << i < self.num_slots]
-        return sizes + [self.num_slots]
+        return [*sizes, self.num_slots]
 
     def bucket_for(self, slots: int) -> int:
         """The smallest bucket that covers slots 0..slots-1."""

@@ -180,7 +180,7 @@ class LMGen(StreamingModule):
     # --- steps --------------------------------------------------------------------------
     def step(self, user_codes: torch.Tensor) -> StepOutput:
         """One live frame. user_codes [B, 8] -> the frame completed at this step."""
-        ring, lm = self.ring, self.lm
+        lm = self.lm
         B = user_codes.shape[0]
         assert user_codes.shape == (B, CODES_PER_STREAM), f"expected [B, 8] user codes, got {tuple(user_codes.shape)}"
         # 1. ring: write the user's codes, read this step's input and target columns

@@ -9,6 +9,8 @@ draws from torch's random generators (sampling noise is a hash of per-slot count
 Capture runs the step a few times (warm-up, as CUDA requires) and so advances the slots it
 covers: the engine captures before any conversation starts and resets every slot afterwards.
 Outputs live in static buffers: they are valid until the next replay of the same bucket.
+Without CUDA the same plumbing runs with the step called again at each replay, which is how
+the tests check it on CPU.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def graphs_enabled(device: torch.device) -> bool:
 
 @dataclass
 class _Captured:
-    graph: torch.cuda.CUDAGraph
+    replay: Callable[[], None]
     static_input: torch.Tensor
     static_output: object  # a dataclass of tensors
 
@@ -44,24 +46,38 @@ class StepGraphs:
         self.input_shape = input_shape
         self.device = device
         self.warmup = warmup
-        self._pool = torch.cuda.graph_pool_handle()
+        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
         self._captured: dict[int, _Captured] = {}
 
     def capture(self, buckets: list[int]) -> None:
         """Capture the largest bucket first so that the smaller ones reuse its memory pool."""
         for bucket in sorted(buckets, reverse=True):
             static_input = torch.zeros(self.input_shape(bucket), device=self.device)
-            side = torch.cuda.Stream(self.device)
-            side.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(side):
-                for _ in range(self.warmup):
-                    self.step(static_input, bucket)
-            torch.cuda.current_stream(self.device).wait_stream(side)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self._pool):
-                static_output = self.step(static_input, bucket)
-            self._captured[bucket] = _Captured(graph, static_input, static_output)
-            logger.info("captured the engine step for %d slot(s) in a CUDA graph", bucket)
+            self._captured[bucket] = self._capture_cuda(static_input, bucket) if self._pool is not None else self._emulate(static_input, bucket)
+            logger.info("captured the engine step for %d slot(s)", bucket)
+
+    def _capture_cuda(self, static_input: torch.Tensor, bucket: int) -> _Captured:
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(self.warmup):
+                self.step(static_input, bucket)
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            static_output = self.step(static_input, bucket)
+        return _Captured(graph.replay, static_input, static_output)
+
+    def _emulate(self, static_input: torch.Tensor, bucket: int) -> _Captured:
+        """Without CUDA: the same buffers and calls, the step rerun at each replay (tests the plumbing)."""
+        static_output = self.step(static_input, bucket)
+
+        def replay() -> None:
+            fresh = self.step(static_input, bucket)
+            for f in fields(static_output):  # type: ignore[arg-type]
+                getattr(static_output, f.name).copy_(getattr(fresh, f.name))
+
+        return _Captured(replay, static_input, static_output)
 
     def __contains__(self, bucket: int) -> bool:
         return bucket in self._captured
@@ -69,6 +85,6 @@ class StepGraphs:
     def run(self, pcm: torch.Tensor, bucket: int) -> object:
         captured = self._captured[bucket]
         captured.static_input.copy_(pcm)
-        captured.graph.replay()
+        captured.replay()
         out = captured.static_output
         return type(out)(**{f.name: getattr(out, f.name) for f in fields(out)})  # type: ignore[arg-type]

@@ -101,7 +101,7 @@ class LMModel(nn.Module):
         The sum runs audio row by audio row, then adds the text, each add rounded in the model
         dtype: in bf16 a single fused sum would round differently from the checkpoint's runs.
         """
-        B, K, T = tokens.shape
+        K = tokens.shape[1]
         assert K == self.cfg.num_streams, f"expected {self.cfg.num_streams} token rows, got {K}"
         x = self.emb[0](tokens[:, 1])
         for i in range(1, self.cfg.n_q):

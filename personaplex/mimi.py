@@ -82,7 +82,7 @@ class Mimi(nn.Module):
 
     def encode(self, pcm: torch.Tensor) -> torch.Tensor:
         """pcm [B, 1, F * 1920] float32 -> codes [B, 8, F] int64."""
-        B, C, T = pcm.shape
+        _, C, T = pcm.shape
         assert C == 1 and T % FRAME_SIZE == 0, f"expected [B, 1, n * {FRAME_SIZE}] pcm, got {tuple(pcm.shape)}"
         return self.quantizer.encode(self.encode_latent(pcm), self.cfg.num_codebooks)
 

@@ -226,7 +226,7 @@ class Transformer(StreamingModule):
         return x
 
     def _plan(self, x: torch.Tensor) -> AttentionPlan:
-        B, T, D = x.shape
+        _, T, D = x.shape
         steps = torch.arange(T, device=x.device)
         head_dim = D // self.num_heads
         state = self.state

@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import io
 import re
-import wave
 import shutil
 import tempfile
+import wave
 from pathlib import Path
 
-import numpy as np
 import pytest
 
 from personaplex.audio import write_wav

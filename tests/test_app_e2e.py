@@ -8,7 +8,6 @@ import importlib.util
 import sys
 
 import numpy as np
-import pytest
 
 from .helpers import ROOT
 

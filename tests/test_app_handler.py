@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import threading
 import wave
-import io
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -30,7 +30,7 @@ def service():
 def make_handler(service, role="You enjoy having a good conversation.", voice="TESTV0", key="call-1"):
     handler = app.ConversationHandler(service, app.Recordings())
     handler.phone_mode = True  # `wait_for_args` returns at once; the inputs are set as Gradio sets them
-    handler.latest_args = ["__webrtc_value__", key, "Casual chat", role, voice, "", False, 0.7, 25, 0.8, 250, 1, True]
+    handler.latest_args = ["__webrtc_value__", key, role, voice, "", False, 0.7, 25, 0.8, 250, 1, True]
     return handler
 
 
@@ -88,7 +88,7 @@ def test_every_80_ms_in_gives_80_ms_out_with_silence_while_the_prompt_loads(serv
     handler = asyncio.run(scenario())
     call = handler.recordings.get("call-1")
     assert call is not None and len(call.agent) == 10
-    wav_path, text_path = app.call_files(call)
+    wav_path, _text_path = app.call_files(call)
     with wave.open(wav_path) as w:
         assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (2, SAMPLE_RATE, 10 * 1920)
 
@@ -164,3 +164,28 @@ def test_a_silent_client_is_closed_by_the_watchdog(service, monkeypatch):
         assert service.worker.live_sessions == 0
 
     asyncio.run(scenario())
+
+
+def test_the_offline_tab_returns_the_models_side_a_stereo_mix_and_the_text(service, tmp_path):
+    from personaplex.audio import read_audio
+
+    from .helpers import ROOT
+
+    user = ROOT / "examples" / "user_question.wav"
+    seen = []
+    agent, mix, text, files = app.run_offline(
+        service, str(user), "You enjoy having a good conversation.", "TESTV0", "", False, 0.7, 25, 0.8, 250, 3, False,
+        progress=lambda fraction, desc=None: seen.append(fraction),
+    )
+    n = read_audio(user).size
+    assert read_audio(agent).size == n
+    with wave.open(mix) as w:
+        assert (w.getnchannels(), w.getnframes()) == (2, n)
+    assert text and [Path(f).name for f in files] == ["model.wav", "both.wav", "transcript.txt"]
+    assert seen and seen[-1] == 1.0
+    with pytest.raises(app.gr.Error, match="Upload or record the user's side first"):
+        app.run_offline(service, None, "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 3, False, progress=lambda *a, **k: None)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio" * 100)
+    with pytest.raises(app.gr.Error, match=r"bad\.wav"):
+        app.run_offline(service, str(bad), "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 3, False, progress=lambda *a, **k: None)

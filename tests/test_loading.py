@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import subprocess
@@ -19,10 +18,10 @@ from safetensors.torch import load_file, save_file
 
 from personaplex.config import TINY
 from personaplex.loading import (
-    CheckpointError,
     LM_FILE,
     MIMI_FILE,
     TOKENIZER_FILE,
+    CheckpointError,
     build_lm,
     build_mimi,
     extract_voices,
@@ -90,7 +89,7 @@ def test_missing_tensor_fails_with_its_name(tmp_path):
     state = load_file(str(CHECKPOINT / LM_FILE))
     del state["transformer.layers.1.gating.linear_out.weight"]
     save_file(state, str(tmp_path / LM_FILE))
-    with pytest.raises(CheckpointError, match="lacks 1 tensors .*transformer.layers.1.gating.linear_out.weight"):
+    with pytest.raises(CheckpointError, match=r"lacks 1 tensors .*transformer\.layers\.1\.gating\.linear_out\.weight"):
         build_lm(TINY, tmp_path / LM_FILE, torch.device("cpu"), torch.float32)
 
 

@@ -63,7 +63,7 @@ def test_other_formats_rates_and_sampling(tmp_path):
     args = [a for a in GOLDEN_ARGS if a != "--greedy"]
     rc, pcm, labels = run_cli(tmp_path, "--voice-prompt", "TESTV0", "--seed", "7", *args, input_wav=src)
     assert rc == 0 and pcm.shape == (24000,) and len(labels) == 13
-    rc2, pcm2, labels2 = run_cli(tmp_path, "--voice-prompt", "TESTV0", "--seed", "7", *args, input_wav=src)
+    _rc2, pcm2, labels2 = run_cli(tmp_path, "--voice-prompt", "TESTV0", "--seed", "7", *args, input_wav=src)
     assert labels2 == labels and np.array_equal(pcm2, pcm)
 
 

@@ -42,7 +42,7 @@ def test_sessions_through_the_worker_match_the_engine_alone(models, worker):
         assert session.closed.wait(20) and session.error is None  # closed after its last frame
     assert worker.live_sessions == 0
     worker.stop()  # the engine below takes over the models' streaming state
-    for (session, got), (role, frames) in zip(runs, audio.items()):
+    for (_, got), (role, frames) in zip(runs, audio.items()):
         solo = Engine(models, num_slots=1)
         solo.start(0, solo.prompt(solo.voice("TESTV0"), role), SamplingParams(greedy=True))
         want = [solo.step(torch.from_numpy(f)[None]) for f in frames]
