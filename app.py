@@ -184,6 +184,8 @@ class ConversationHandler(AsyncStreamHandler):
         return f"<table class='health'>{cells}</table>{warning}"
 
     async def emit(self):
+        if self.problem is None and self.session is not None and self.session.error is not None:
+            self.problem = f"the call could not start: {self.session.error}"
         if self.problem is not None:
             if self.refused:  # the message is shown: end the call
                 return CloseStream(self.problem)

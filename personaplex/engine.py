@@ -20,7 +20,7 @@ import torch
 
 from .audio import normalize_loudness, read_audio
 from .config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS
-from .generate import LMGen, PromptFrames, plan_prompt
+from .generate import LMGen, PromptFrames, PromptPlan, plan_prompt
 from .graphs import StepGraphs, graphs_enabled
 from .loading import CheckpointError, Models, load_voice_embeddings
 from .persona import PromptError, VoicePrompt, build_prompt, encode_voice
@@ -90,19 +90,27 @@ class Engine:
 
     # --- slots --------------------------------------------------------------------------
     @torch.inference_mode()
-    def start(self, slot: int, prompt: PromptFrames, sampling: SamplingParams, prefill: bool = True) -> None:
-        """Reset `slot` and run its system prompt; the other slots are not touched."""
-        if not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} is not in 0..{self.num_slots - 1}")
+    def plan(self, prompt: PromptFrames) -> PromptPlan:
+        """The prefill's inputs and final ring for a prompt: host work, any thread."""
         if not 1 <= prompt.num_frames < self.models.config.lm.context:
             raise PromptError(f"a prompt needs 1 to {self.models.config.lm.context - 1} frames, got {prompt.num_frames}")
+        return plan_prompt(prompt, self.models.config.lm)
+
+    @torch.inference_mode()
+    def start(self, slot: int, prompt: PromptFrames | PromptPlan, sampling: SamplingParams, prefill: bool = True) -> None:
+        """Reset `slot` and run its system prompt (one prefill, or frame by frame as the
+        reference does); the other slots are not touched."""
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not in 0..{self.num_slots - 1}")
+        if isinstance(prompt, PromptFrames) and (prefill or not 1 <= prompt.num_frames < self.models.config.lm.context):
+            prompt = self.plan(prompt)
         mask = slot_mask(self.num_slots, slot, self.device)
         reset_slots(self.models.mimi, mask)
         reset_slots(self.gen, mask)
         self.gen.set_sampling(mask, sampling)
         with slot_view(self.gen, slice(slot, slot + 1)):
-            if prefill:
-                self.gen.prefill(plan_prompt(prompt, self.models.config.lm))
+            if isinstance(prompt, PromptPlan):
+                self.gen.prefill(prompt)
             else:
                 self.gen.run_prompt(prompt)
 

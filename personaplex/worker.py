@@ -179,18 +179,20 @@ class EngineWorker:
         `inputs` (a whole recording, [1920] float32 frames) the session runs from them at the
         engine's pace and closes itself after the last one.
         """
+        plan = self.engine.plan(prompt)  # host work, here rather than between two ticks
         with self._cond:
             free = [s for s in range(self.engine.num_slots) if s not in self._sessions]
             if not free:
                 raise Busy(f"all {self.engine.num_slots} conversation slots are in use: try again in a minute")
             session = Session(self, free[0], on_frame, inputs is None, self.max_backlog)
-            session.prompt_frames = prompt.num_frames
+            session.prompt_frames = plan.offset
             self._sessions[session.slot] = session
 
         def start() -> None:
             try:
-                self.engine.start(session.slot, prompt, sampling)
+                self.engine.start(session.slot, plan, sampling)
             except BaseException as exc:
+                logger.exception("session %d: its system prompt failed", session.id)
                 session.error = exc
                 self._close(session)
                 raise
@@ -263,6 +265,15 @@ class EngineWorker:
                 timeout = self.max_wait_s if pending else 0.5
                 self._cond.wait(timeout=timeout / 2)
 
+    def _wait_for_device(self) -> None:
+        """Let the GPU finish the tick while this thread sleeps, so that the event loop serving
+        every connection (WebRTC, Opus) keeps the interpreter meanwhile."""
+        if self.engine.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+            while not done.query():
+                time.sleep(0.0002)
+
     def _expire_idle(self) -> None:
         now = time.monotonic()
         for session in list(self._sessions.values()):
@@ -281,6 +292,7 @@ class EngineWorker:
                 batch[session.slot] = frame
         start = time.perf_counter()
         out = self.engine.step(torch.from_numpy(batch), bucket)
+        self._wait_for_device()
         pcm = out.pcm.float().cpu().numpy()  # the one device -> host copy of the tick
         text = out.text.cpu().numpy()
         self.last_tick_ms = (time.perf_counter() - start) * 1000

@@ -189,3 +189,20 @@ def test_the_offline_tab_returns_the_models_side_a_stereo_mix_and_the_text(servi
     bad.write_bytes(b"not audio" * 100)
     with pytest.raises(app.gr.Error, match=r"bad\.wav"):
         app.run_offline(service, str(bad), "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 3, False, progress=lambda *a, **k: None)
+
+
+def test_a_call_that_fails_on_the_engine_says_so(service, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("CUDA out of memory")
+
+    monkeypatch.setattr(service.engine, "start", broken)
+
+    async def scenario():
+        handler = make_handler(service)
+        await handler.start_up()
+        await asyncio.to_thread(handler.session.closed.wait, 10)
+        first = await handler.emit()
+        assert isinstance(first, AdditionalOutputs) and "the call could not start: CUDA out of memory" in first.args[1]
+        assert isinstance(await handler.emit(), CloseStream)
+
+    asyncio.run(scenario())

@@ -103,9 +103,21 @@ def test_a_vanished_client_frees_its_slot(worker):
     assert worker.live_sessions == 0
 
 
-def test_a_failing_prompt_reports_and_frees_the_slot(worker):
-    broken = persona(worker.engine, "")
-    broken = type(broken)(tokens=broken.tokens[:, :0])  # a prompt without frames cannot start
-    session = worker.open_session(broken, SamplingParams(), lambda out: None)
+def test_a_bad_prompt_is_refused_before_it_takes_a_slot(worker):
+    from personaplex.persona import PromptError
+
+    empty = persona(worker.engine, "")
+    empty = type(empty)(tokens=empty.tokens[:, :0])  # a prompt without frames cannot start
+    with pytest.raises(PromptError, match="a prompt needs 1 to"):
+        worker.open_session(empty, SamplingParams(), lambda out: None)
+    assert worker.live_sessions == 0
+
+
+def test_a_prompt_failing_on_the_engine_thread_reports_and_frees_the_slot(worker, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(worker.engine, "start", broken)
+    session = worker.open_session(persona(worker.engine, ""), SamplingParams(), lambda out: None)
     assert session.ready.wait(10) and session.closed.is_set()
-    assert session.error is not None and worker.live_sessions == 0
+    assert isinstance(session.error, RuntimeError) and worker.live_sessions == 0
