@@ -12,6 +12,7 @@ and stop independently while the others keep talking. No host synchronisation in
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,6 +28,8 @@ from .persona import PromptError, VoicePrompt, build_prompt, encode_voice
 from .sampling import SamplingParams
 from .streaming import enable_streaming, reset_slots, slot_mask, slot_view
 from .text import encode_role
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,11 +62,19 @@ class Engine:
         self._silence = torch.tensor(SILENCE_TOKENS, device=self.device)[None]  # [1, 8]
         self._graphs: StepGraphs | None = None
         if graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs:
-            self._graphs = StepGraphs(self._step_bucket, lambda b: (b, FRAME_SIZE), self.device)
-            with torch.inference_mode():
-                self._graphs.capture(self.buckets())
-                reset_slots(models.mimi, None)  # capture stepped every slot: start them afresh
-                reset_slots(self.gen, None)
+            self._graphs = self._capture_graphs()
+
+    @torch.inference_mode()
+    def _capture_graphs(self) -> StepGraphs | None:
+        graphs = StepGraphs(self._step_bucket, lambda b: (b, FRAME_SIZE), self.device)
+        try:
+            graphs.capture(self.buckets())
+        except RuntimeError:  # a faster engine is not worth a failed start: run eagerly
+            logger.exception("capturing the engine step in CUDA graphs failed; running without them")
+            graphs = None
+        reset_slots(self.models.mimi, None)  # capture stepped every slot: start them afresh
+        reset_slots(self.gen, None)
+        return graphs
 
     # --- personas -----------------------------------------------------------------------
     def voice_from_file(self, path: Path) -> VoicePrompt:
@@ -92,8 +103,8 @@ class Engine:
     @torch.inference_mode()
     def plan(self, prompt: PromptFrames) -> PromptPlan:
         """The prefill's inputs and final ring for a prompt: host work, any thread."""
-        if not 1 <= prompt.num_frames < self.models.config.lm.context:
-            raise PromptError(f"a prompt needs 1 to {self.models.config.lm.context - 1} frames, got {prompt.num_frames}")
+        if not 2 <= prompt.num_frames < self.models.config.lm.context:
+            raise PromptError(f"a prompt needs 2 to {self.models.config.lm.context - 1} frames, got {prompt.num_frames}")
         return plan_prompt(prompt, self.models.config.lm)
 
     @torch.inference_mode()
@@ -102,7 +113,7 @@ class Engine:
         reference does); the other slots are not touched."""
         if not 0 <= slot < self.num_slots:
             raise ValueError(f"slot {slot} is not in 0..{self.num_slots - 1}")
-        if isinstance(prompt, PromptFrames) and (prefill or not 1 <= prompt.num_frames < self.models.config.lm.context):
+        if isinstance(prompt, PromptFrames) and (prefill or not 2 <= prompt.num_frames < self.models.config.lm.context):
             prompt = self.plan(prompt)
         mask = slot_mask(self.num_slots, slot, self.device)
         reset_slots(self.models.mimi, mask)

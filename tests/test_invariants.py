@@ -228,3 +228,16 @@ def test_graph_plumbing_gives_what_the_plain_step_gives(models):
             tokens.append(engine.step(batch, bucket=engine.bucket_for(3)).tokens[2].clone())
         runs.append(torch.stack(tokens))
     assert torch.equal(runs[0], runs[1])
+
+
+def test_a_failed_graph_capture_falls_back_to_plain_steps(models, monkeypatch):
+    from personaplex import graphs
+
+    def broken(self, buckets):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    monkeypatch.setattr(graphs.StepGraphs, "capture", broken)
+    engine = Engine(models, num_slots=2, cuda_graphs=True)
+    assert engine._graphs is None
+    engine.start(0, engine.prompt(engine.voice("TESTV0"), ""), SamplingParams(greedy=True))
+    assert engine.step(torch.zeros(1, FRAME_SIZE), bucket=1).pcm.shape == (1, FRAME_SIZE)

@@ -108,7 +108,7 @@ def test_a_bad_prompt_is_refused_before_it_takes_a_slot(worker):
 
     empty = persona(worker.engine, "")
     empty = type(empty)(tokens=empty.tokens[:, :0])  # a prompt without frames cannot start
-    with pytest.raises(PromptError, match="a prompt needs 1 to"):
+    with pytest.raises(PromptError, match="a prompt needs 2 to"):
         worker.open_session(empty, SamplingParams(), lambda out: None)
     assert worker.live_sessions == 0
 
