@@ -407,7 +407,9 @@ def main(argv: list[str] | None = None) -> None:
     service = Service(Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions))
     service.start()
     demo = build_ui(service, args.time_limit or None, args.max_sessions or 64)
-    demo.queue(default_concurrency_limit=8).launch(server_name=args.host, server_port=args.port, share=args.share)
+    demo.queue(default_concurrency_limit=8).launch(
+        server_name=args.host, server_port=args.port, share=args.share, max_file_size="100mb"
+    )
 
 
 if __name__ == "__main__":

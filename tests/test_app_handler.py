@@ -4,6 +4,7 @@ loads, bounded queues, refusals with messages, slots freed on shutdown and by th
 from __future__ import annotations
 
 import asyncio
+import re
 import threading
 import wave
 from pathlib import Path
@@ -206,3 +207,34 @@ def test_a_call_that_fails_on_the_engine_says_so(service, monkeypatch):
         assert isinstance(await handler.emit(), CloseStream)
 
     asyncio.run(scenario())
+
+
+def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(service, tmp_path, monkeypatch):
+    from personaplex.audio import write_wav
+
+    from .helpers import ROOT, tone
+
+    good = ROOT / "examples" / "voice_sample.wav"
+    message, key, _ = app.add_voice(service, str(good), True, "")
+    assert "Custom voice ready (8.6 s)" in message and key.startswith("custom:")
+    assert app.add_voice(service, str(good), True, "")[1] == key  # cached by content hash
+    assert key in service._custom
+
+    cases = {
+        "silent.wav": (lambda p: write_wav(p, np.zeros(5 * SAMPLE_RATE, dtype=np.float32)), "the clip is silent"),
+        "long.wav": (lambda p: write_wav(p, tone(31.0, SAMPLE_RATE)[0]), "longer than 30 s"),
+        "short.wav": (lambda p: write_wav(p, tone(1.5, SAMPLE_RATE)[0]), "use at least 2 s of speech"),
+        "empty.wav": (lambda p: p.write_bytes(b""), "could not be decoded"),
+        "notes.txt": (lambda p: p.write_text("hello " * 100), "not an audio file|could not be decoded"),
+    }
+    for name, (make, expected) in cases.items():
+        path = tmp_path / name
+        make(path)
+        message, kept, _ = app.add_voice(service, str(path), True, key)
+        assert re.search(expected, message), (name, message)
+        assert kept == key and "previous custom voice is kept" in message
+    message, kept, _ = app.add_voice(service, str(good), False, key)
+    assert "Tick the consent box first" in message and kept == key
+    monkeypatch.setattr("personaplex.service.MAX_UPLOAD_BYTES", 1000)
+    message, kept, _ = app.add_voice(service, str(good), True, key)
+    assert "larger than" in message and kept == key
