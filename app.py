@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import functools
+import html
 import json
 import logging
 import os
@@ -100,7 +101,6 @@ class ConversationHandler(AsyncStreamHandler):
         self.transcript = ""
         self.dropped_out = 0
         self.filled = 0  # dropped input frames already answered with silence
-        self.started = time.monotonic()
         self.last_input = time.monotonic()
         self.refused = False
 
@@ -124,7 +124,7 @@ class ConversationHandler(AsyncStreamHandler):
         except FRIENDLY_ERRORS as exc:
             self.problem = str(exc)
             logger.info("call refused: %s", exc)
-        self.started = self.last_input = time.monotonic()
+        self.last_input = time.monotonic()
 
     async def receive(self, frame: tuple[int, np.ndarray]) -> None:
         _, pcm = frame
@@ -190,7 +190,7 @@ class ConversationHandler(AsyncStreamHandler):
             if self.refused:  # the message is shown: end the call
                 return CloseStream(self.problem)
             self.refused = True
-            return AdditionalOutputs("", f"<p class='warn'>⚠ {self.problem}</p>")
+            return AdditionalOutputs("", f"<p class='warn'>⚠ {html.escape(self.problem, quote=False)}</p>")
         if time.monotonic() - self.last_input > WATCHDOG_S:
             await self.shutdown()
             return CloseStream("no audio from the browser: the call was closed")
@@ -310,7 +310,7 @@ def add_voice(service: Service, path: str | None, consent: bool, key: str):
         new_key, seconds = service.add_custom_voice(path)
     except FRIENDLY_ERRORS as exc:
         keep = " The previous custom voice is kept." if key else ""
-        return f"⚠ {exc}.{keep}", key, gr.update()
+        return f"⚠ {html.escape(str(exc), quote=False)}.{keep}", key, gr.update()
     return f"✅ Custom voice ready ({seconds:.1f} s). It is selected in the voice list.", new_key, gr.update(value=CUSTOM_VOICE)
 
 
