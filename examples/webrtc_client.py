@@ -191,11 +191,25 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
 
 
 def load_48k(path: str) -> np.ndarray:
+    """Any audio file -> float32 mono at 48 kHz (FFmpeg through PyAV, then soxr)."""
+    import av
     import soxr
 
-    from personaplex.audio import read_audio  # 24 kHz mono float32
+    with av.open(path) as container:
+        stream = container.streams.audio[0]
+        resampler = av.AudioResampler(format="flt", layout="mono", rate=stream.rate)
+        chunks = [f.to_ndarray().reshape(-1) for frame in container.decode(stream) for f in resampler.resample(frame)]
+    return soxr.resample(np.concatenate(chunks), stream.rate, RATE).astype(np.float32)
 
-    return soxr.resample(read_audio(path), 24_000, RATE).astype(np.float32)
+
+def save_wav(path: str, pcm: np.ndarray, rate: int = RATE) -> None:
+    import wave
+
+    with wave.open(path, "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(rate)
+        out.writeframes((np.clip(pcm, -1, 1) * 32767).astype(np.int16).tobytes())
 
 
 def main() -> None:
@@ -211,9 +225,7 @@ def main() -> None:
     pcm = load_48k(args.input)
     settings = {k: v for k, v in (("voice", args.voice), ("role", args.role), ("persona", args.persona)) if v is not None}
     result = asyncio.run(converse(args.url, pcm, args.seconds or pcm.size / RATE + 3, settings))
-    from personaplex.audio import write_wav
-
-    write_wav(args.output, result.audio, RATE)
+    save_wav(args.output, result.audio)
     summary = {"connected_after_s": result.connected_after_s, "first_audio_after_s": result.first_audio_after_s,
                "received_s": round(result.audio.size / RATE, 2), "transcript": result.transcript}
     Path(args.output).with_suffix(".json").write_text(json.dumps(summary, indent=2))
