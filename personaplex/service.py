@@ -28,6 +28,7 @@ from .audio import AudioError, read_audio, wav_bytes
 from .config import FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
 from .engine import Engine
 from .generate import PromptFrames
+from .lm import LMModel
 from .loading import CheckpointError, Models, load_models, resolve_checkpoint
 from .persona import VoicePrompt
 from .sampling import SamplingParams
@@ -116,20 +117,43 @@ class Service:
             if s.device == "cuda" and not torch.cuda.is_available():
                 raise CheckpointError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
             self.config = load_config(s.config) if s.config else PERSONAPLEX_7B
+            dtype = self._check_room()
             source = s.checkpoint or s.hf_repo or "nvidia/personaplex-7b-v1"
             self._set(State.DOWNLOADING, f"fetching the weights of {source} (about 17 GB the first time)" if not s.checkpoint else f"reading {source}")
             files = resolve_checkpoint(s.checkpoint, s.hf_repo)
             self._set(State.LOADING, f"loading the model onto {self.device}")
-            self.models = load_models(files, self.config, self.device)
+            self.models = load_models(files, self.config, self.device, dtype)
             slots = s.max_sessions or suggest_slots(self.config, self.models.lm.dtype, self.device)
             self.engine = Engine(self.models, num_slots=slots)
             self.worker = EngineWorker(self.engine)
             self._set(State.WARMING_UP, "warming up")
             frame_ms = self._warm_up()
             self._set(State.READY, self._ready_message(slots, frame_ms), frame_ms)
-        except (CheckpointError, AudioError, ValueError, OSError, RuntimeError) as exc:
-            logger.exception("loading failed")
+        except CheckpointError as exc:  # missing files, gated repo, no GPU: said in the status line
             self._set(State.FAILED, str(exc))
+        except Exception as exc:  # the loader thread's boundary: every failure goes to the status line
+            logger.exception("loading failed")
+            self._set(State.FAILED, f"{type(exc).__name__}: {exc}")
+
+    def _check_room(self) -> torch.dtype | None:
+        """Refuse early, before a 17 GB download, what cannot fit; the LM dtype to load with."""
+        weights = 2 * sum(_lm_parameter_count(self.config).values())  # bf16 bytes
+        if self.device.type == "cuda":
+            free, total = torch.cuda.mem_get_info(self.device)
+            need = weights + slot_bytes(self.config, torch.bfloat16) + SLOT_MEMORY_RESERVE // 2
+            if free < need:
+                raise CheckpointError(
+                    f"this GPU has {free / 2**30:.1f} GB free of {total / 2**30:.1f} GB; the model needs about "
+                    f"{need / 2**30:.0f} GB for its weights and one conversation"
+                )
+            return None
+        if self.settings.device != "cpu" and weights > 2 * 1024**3:
+            raise CheckpointError(
+                "no CUDA GPU found: the 7B model needs one with 24 GB or more (on a CPU it runs far slower than "
+                "real time). Start with --device cpu to try anyway, or try the page with the tiny test model: "
+                "--checkpoint tests/fixtures/tiny/checkpoint --config tests/fixtures/tiny/checkpoint/tiny_config.json"
+            )
+        return torch.bfloat16 if weights > 2 * 1024**3 else None  # a 7B in float32 would not fit in RAM
 
     def _warm_up(self) -> float:
         """One batched step over every slot, twice; the second one's time is the frame cost."""
@@ -285,6 +309,11 @@ class CallRecorder:
     @property
     def seconds(self) -> float:
         return len(self.agent) * FRAME_SIZE / SAMPLE_RATE
+
+
+def _lm_parameter_count(config: ModelConfig) -> dict[str, int]:
+    with torch.device("meta"):
+        return {name: p.numel() for name, p in LMModel(config.lm).named_parameters()}
 
 
 def slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:

@@ -1,0 +1,59 @@
+"""The service behind the page: loading in the background, and every problem in the status line."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from personaplex import service as service_module
+from personaplex.loading import CheckpointError
+from personaplex.service import Service, Settings, State
+
+from .helpers import CHECKPOINT, TINY_CONFIG
+
+
+def status_after_start(settings: Settings):
+    svc = Service(settings)
+    svc.start()
+    return svc.wait_ready(60)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is present")
+def test_the_7b_model_without_a_gpu_is_refused_before_any_download(monkeypatch):
+    monkeypatch.setattr(service_module, "resolve_checkpoint", lambda *a: pytest.fail("nothing may be downloaded"))
+    status = status_after_start(Settings())
+    assert status.state is State.FAILED and "no CUDA GPU found" in status.message and "--device cpu" in status.message
+
+
+def test_a_download_problem_is_shown_as_said(monkeypatch):
+    def gated(*args):
+        raise CheckpointError("nvidia/personaplex-7b-v1 is a gated model: accept its license at https://huggingface.co/...")
+
+    monkeypatch.setattr(service_module, "resolve_checkpoint", gated)
+    status = status_after_start(Settings(device="cpu", config=str(TINY_CONFIG)))
+    assert status.state is State.FAILED and status.message.startswith("nvidia/personaplex-7b-v1 is a gated model")
+
+
+def test_an_unexpected_failure_does_not_leave_the_page_waiting(monkeypatch):
+    def broken(*args, **kwargs):
+        raise ImportError("no module named sentencepiece")
+
+    monkeypatch.setattr(service_module, "load_models", broken)
+    status = status_after_start(Settings(checkpoint=str(CHECKPOINT), config=str(TINY_CONFIG), device="cpu"))
+    assert status.state is State.FAILED and "ImportError: no module named sentencepiece" in status.message
+
+
+def test_missing_files_are_named(tmp_path):
+    status = status_after_start(Settings(checkpoint=str(tmp_path), config=str(TINY_CONFIG), device="cpu"))
+    assert status.state is State.FAILED and "missing model.safetensors" in status.message
+
+
+def test_the_tiny_model_comes_up_ready():
+    svc = Service(Settings(checkpoint=str(CHECKPOINT), config=str(TINY_CONFIG), device="cpu", max_sessions=3))
+    svc.start()
+    status = svc.wait_ready(60)
+    try:
+        assert status.ready and "3 conversation slots" in status.message and status.frame_ms > 0
+        assert svc.voice_names() == ["TESTV0"]
+    finally:
+        svc.worker.stop()
