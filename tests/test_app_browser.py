@@ -135,3 +135,28 @@ def test_a_conversation_in_the_browser(running_app, files):
         finally:
             ctx.close()
             shutil.rmtree(profile, ignore_errors=True)
+
+
+def test_the_offline_tab_in_the_browser(running_app):
+    from playwright.sync_api import expect, sync_playwright
+
+    profile = tempfile.mkdtemp()
+    args = ["--no-sandbox", "--disable-gpu", "--no-first-run", "--disable-background-networking",
+            "--disable-component-update", "--disable-sync"]
+    with sync_playwright() as p:
+        ctx = p.chromium.launch_persistent_context(profile, executable_path=str(CHROMIUM), headless=True, args=args,
+                                                   viewport={"width": 1280, "height": 1300})
+        try:
+            page = ctx.new_page()
+            page.goto(running_app.url)
+            expect(page.locator("#status")).to_contain_text("Ready", timeout=30_000)
+            choose(page, "voice", "TESTV0")
+            page.get_by_role("tab", name="Offline").click()
+            page.locator("#offline_in input[type=file]").set_input_files(str(ROOT / "examples" / "user_question.wav"))
+            page.locator("#offline_run").click()
+            expect(page.locator("#offline_text textarea")).not_to_have_value("", timeout=60_000)
+            for name in ("model.wav", "both.wav", "transcript.txt"):
+                expect(page.locator(f"#offline_files a[href$='{name}']")).to_have_count(1)
+        finally:
+            ctx.close()
+            shutil.rmtree(profile, ignore_errors=True)
