@@ -13,7 +13,7 @@ import torch
 from personaplex.audio import read_audio, write_wav
 from personaplex.offline import main
 
-from .helpers import CHECKPOINT, TINY_CONFIG, TINY_DIR, encode_audio_file, tone
+from .helpers import CHECKPOINT, SHARED, TINY_CONFIG, TINY_DIR, encode_audio_file, tone
 
 GOLDEN_ARGS = ["--checkpoint", str(CHECKPOINT), "--config", str(TINY_CONFIG), "--greedy", "--dtype", "float32", "--device", "cpu"]
 
@@ -130,3 +130,18 @@ def test_wrong_shape_checkpoint_names_the_tensor(tmp_path, caplog):
     with caplog.at_level(logging.ERROR):
         rc, _, _ = run_cli(tmp_path, "--voice-prompt", "TESTV0", *[a if a != str(CHECKPOINT) else str(folder) for a in GOLDEN_ARGS])
     assert rc == 2 and "emb.3.weight has shape [2049, 16] but the model expects [2049, 32]" in caplog.text
+
+
+REFERENCE_AUDIO = SHARED / "reference-audio"
+
+
+@pytest.mark.skipif(not (REFERENCE_AUDIO / "input_service.wav").exists(), reason="needs ../shared/reference-audio")
+def test_a_real_20_s_recording_with_its_service_prompt(tmp_path):
+    """A real customer-service call (the reference's test asset) through the CLI: past Mimi's
+    10 s attention window, with the role prompt it was recorded for."""
+    role = (REFERENCE_AUDIO / "prompt_service.txt").read_text().strip()
+    rc, pcm, labels = run_cli(tmp_path, "--voice-prompt", "TESTV0", "--text-prompt", role, *GOLDEN_ARGS,
+                              input_wav=REFERENCE_AUDIO / "input_service.wav")
+    n = read_audio(REFERENCE_AUDIO / "input_service.wav").size
+    assert rc == 0 and pcm.shape == (n,) and len(labels) == -(-n // 1920)
+    assert np.isfinite(pcm).all() and np.abs(pcm).max() > 0.01
