@@ -189,6 +189,8 @@ class EngineWorker:
             self._sessions[session.slot] = session
 
         def start() -> None:
+            if session.closed.is_set():  # closed before its turn: its slot may be someone else's now
+                return
             try:
                 self.engine.start(session.slot, plan, sampling)
             except BaseException as exc:

@@ -121,3 +121,20 @@ def test_a_prompt_failing_on_the_engine_thread_reports_and_frees_the_slot(worker
     session = worker.open_session(persona(worker.engine, ""), SamplingParams(), lambda out: None)
     assert session.ready.wait(10) and session.closed.is_set()
     assert isinstance(session.error, RuntimeError) and worker.live_sessions == 0
+
+
+def test_a_session_closed_before_its_prompt_ran_leaves_its_slot_alone(worker):
+    gate = threading.Event()
+    worker.call(gate.wait)  # the engine thread is busy: prompts wait in the queue
+    first, _ = collect(worker, "")
+    first.close()
+    second, got = collect(worker, "You enjoy having a good conversation.")
+    assert second.slot == first.slot
+    gate.set()
+    assert second.ready.wait(10) and not second.closed.is_set()
+    second.push(user_audio(1, seed=1)[0].numpy())
+    deadline = time.monotonic() + 5
+    while not got and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert got and got[0].index == 0
+    second.close()
