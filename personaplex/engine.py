@@ -26,7 +26,7 @@ from .graphs import StepGraphs, graphs_enabled
 from .loading import CheckpointError, Models, load_voice_embeddings
 from .persona import PromptError, VoicePrompt, build_prompt, encode_voice
 from .sampling import SamplingParams
-from .streaming import enable_streaming, reset_slots, slot_mask, slot_view
+from .streaming import SwappedStates, enable_streaming, installed, reset_slots, slot_mask, slot_states, slot_view
 from .text import encode_role
 
 logger = logging.getLogger(__name__)
@@ -60,6 +60,7 @@ class Engine:
         enable_streaming(models.mimi, num_slots)
         enable_streaming(self.gen, num_slots)
         self._silence = torch.tensor(SILENCE_TOKENS, device=self.device)[None]  # [1, 8]
+        self._views: dict[tuple[int, int], SwappedStates] = {}  # slot range -> its state views
         self._graphs: StepGraphs | None = None
         if graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs:
             self._graphs = self._capture_graphs()
@@ -148,14 +149,22 @@ class Engine:
     @torch.inference_mode()
     def step_slot(self, pcm: torch.Tensor, slot: int) -> Frame:
         """One frame for one slot alone ([1, 1920] in), eagerly: the naive loop of the benchmark."""
-        with slot_view(self.models.mimi, slice(slot, slot + 1)), slot_view(self.gen, slice(slot, slot + 1)):
+        with installed(self._slot_range(slot, slot + 1)):
             return self._step(pcm.to(self.device))
 
     def _step_bucket(self, pcm: torch.Tensor, bucket: int) -> Frame:
         if bucket == self.num_slots:
             return self._step(pcm)
-        with slot_view(self.models.mimi, slice(0, bucket)), slot_view(self.gen, slice(0, bucket)):
+        with installed(self._slot_range(0, bucket)):
             return self._step(pcm)
+
+    def _slot_range(self, start: int, stop: int) -> SwappedStates:
+        """The Mimi and LM state views of slots start..stop-1, made once (not at every tick)."""
+        key = (start, stop)
+        if key not in self._views:
+            index = slice(start, stop)
+            self._views[key] = slot_states(self.models.mimi, index) + slot_states(self.gen, index)
+        return self._views[key]
 
     def _step(self, pcm: torch.Tensor) -> Frame:
         mimi = self.models.mimi

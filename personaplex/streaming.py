@@ -9,8 +9,9 @@ Implements:
   * `enable_streaming` / `disable_streaming` / `streaming(...)`: create the states of every
     streaming module of a tree (preallocated, updated in place: safe for CUDA graphs).
   * `reset_slots(module, mask)`: reset the chosen slots of a whole tree.
-  * `slot_view(module, index)`: run a tree on some slots only (a prefill, a voice prompt),
-    writing through to the full state; `detached(module)`: run it on a whole clip meanwhile.
+  * `slot_view(module, index)`: run a tree on some slots only (a prefill, a bucket of slots),
+    writing through to the full state; `slot_states` + `installed` do the same with views kept
+    from one tick to the next; `detached(module)`: run it on a whole clip meanwhile.
 """
 
 from __future__ import annotations
@@ -75,10 +76,6 @@ def streaming(root: nn.Module, batch_size: int) -> Iterator[None]:
         disable_streaming(root)
 
 
-def is_streaming(root: nn.Module) -> bool:
-    return any(module.state is not None for module in _streaming_modules(root))
-
-
 def reset_slots(root: nn.Module, mask: torch.Tensor | None) -> None:
     """Reset the slots where `mask` is True (all slots when `mask` is None)."""
     for module in _streaming_modules(root):
@@ -92,31 +89,36 @@ def reset_slots(root: nn.Module, mask: torch.Tensor | None) -> None:
             state.reset(mask)
 
 
+SwappedStates = list[tuple[StreamingModule, StreamingState | None]]
+
+
+def slot_states(root: nn.Module, index: slice) -> SwappedStates:
+    """Views of the slots `index` of every state in `root`, to install with `installed`. The
+    views stay valid as long as the states do (they are updated in place), so they can be kept."""
+    return [(m, m.state.select(index) if m.state is not None else None) for m in _streaming_modules(root)]
+
+
 @contextmanager
-def slot_view(root: nn.Module, index: slice) -> Iterator[None]:
+def installed(states: SwappedStates) -> Iterator[None]:
+    """Within the block, each module holds the given state; its own comes back afterwards."""
+    saved = [(module, module.state) for module, _ in states]
+    for module, state in states:
+        module.state = state
+    try:
+        yield
+    finally:
+        for module, state in saved:
+            module.state = state
+
+
+def slot_view(root: nn.Module, index: slice):  # -> context manager
     """Within the block, every streaming module of `root` sees only the slots `index`."""
-    saved = [(module, module.state) for module in _streaming_modules(root)]
-    for module, state in saved:
-        if state is not None:
-            module.state = state.select(index)
-    try:
-        yield
-    finally:
-        for module, state in saved:
-            module.state = state
+    return installed(slot_states(root, index))
 
 
-@contextmanager
-def detached(root: nn.Module) -> Iterator[None]:
+def detached(root: nn.Module):  # -> context manager
     """Within the block, `root` runs on whole sequences: its streaming states are set aside."""
-    saved = [(module, module.state) for module in _streaming_modules(root)]
-    for module, _ in saved:
-        module.state = None
-    try:
-        yield
-    finally:
-        for module, state in saved:
-            module.state = state
+    return installed([(module, None) for module in _streaming_modules(root)])
 
 
 def slot_mask(batch_size: int, slot: int, device: torch.device) -> torch.Tensor:
