@@ -112,10 +112,7 @@ class ConversationHandler(AsyncStreamHandler):
         self._loop = asyncio.get_running_loop()
         webrtc_id, (role, voice, custom_key, consent, *sampling) = self.latest_args[1], self.latest_args[-10:]
         try:
-            if voice == CUSTOM_VOICE:
-                if not custom_key or not consent:
-                    raise AudioError("upload a custom voice and tick the consent box, or pick a voice from the list")
-                voice = custom_key
+            voice = voice_key(voice, custom_key, consent)
             self.call = CallRecorder(self.service.models.tokenizer if self.service.models else None)
             self.session = await asyncio.to_thread(
                 self.service.open_conversation, voice, role or "", sampling_from(sampling), self._on_frame
@@ -314,14 +311,33 @@ def add_voice(service: Service, path: str | None, consent: bool, key: str):
     return f"✅ Custom voice ready ({seconds:.1f} s). It is selected in the voice list.", new_key, gr.update(value=CUSTOM_VOICE)
 
 
+def voice_key(voice: str, custom_key: str, consent: bool) -> str:
+    """The service's name for the chosen voice: a checkpoint voice, or the uploaded one."""
+    if voice != CUSTOM_VOICE:
+        return voice
+    if not custom_key or not consent:
+        raise AudioError("upload a custom voice and tick the consent box, or pick a voice from the list")
+    return custom_key
+
+
+def save_files(prefix: str, contents: dict[str, bytes]) -> list[str]:
+    """Write downloads into a fresh folder of the temp dir (where Gradio serves files from)."""
+    folder = Path(tempfile.mkdtemp(prefix=prefix))
+    for name, data in contents.items():
+        (folder / name).write_bytes(data)
+    return [str(folder / name) for name in contents]
+
+
 def call_files(call: CallRecorder | None) -> tuple[str | None, str | None]:
     """The finished call as a stereo wav and a text file (None, None when nothing was said)."""
     if call is None or not call.agent:
         return None, None
-    folder = Path(tempfile.mkdtemp(prefix="personaplex-call-"))
-    (folder / "call.wav").write_bytes(call.stereo_wav())
-    (folder / "transcript.txt").write_text(call.transcript + "\n")
-    return str(folder / "call.wav"), str(folder / "transcript.txt")
+    wav, text = save_files("personaplex-call-", {"call.wav": call.stereo_wav(), "transcript.txt": transcript_bytes(call)})
+    return wav, text
+
+
+def transcript_bytes(call: CallRecorder) -> bytes:
+    return (call.transcript + "\n").encode()
 
 
 def show_call_files(call: CallRecorder | None):
@@ -333,21 +349,16 @@ def show_call_files(call: CallRecorder | None):
 def run_offline(service: Service, path, role, voice, custom_key, consent, *sampling, progress=gr.Progress()):  # noqa: B008 (Gradio reads it from the signature)
     if not path:
         raise gr.Error("Upload or record the user's side first.")
-    if voice == CUSTOM_VOICE:
-        if not custom_key or not consent:
-            raise gr.Error("Upload a custom voice and tick the consent box, or pick a voice from the list.")
-        voice = custom_key
     try:
+        voice = voice_key(voice, custom_key, consent)
         pcm = read_audio(path, max_seconds=600)
         call = service.run_offline(voice, role or "", sampling_from(list(sampling)), pcm,
                                    lambda done, total: progress(done / total, desc="generating"))
     except FRIENDLY_ERRORS as exc:
         raise gr.Error(str(exc)) from exc
-    folder = Path(tempfile.mkdtemp(prefix="personaplex-offline-"))
-    (folder / "model.wav").write_bytes(call.agent_wav())
-    (folder / "both.wav").write_bytes(call.stereo_wav())
-    (folder / "transcript.txt").write_text(call.transcript + "\n")
-    files = [str(folder / n) for n in ("model.wav", "both.wav", "transcript.txt")]
+    files = save_files("personaplex-offline-", {
+        "model.wav": call.agent_wav(), "both.wav": call.stereo_wav(), "transcript.txt": transcript_bytes(call),
+    })
     return files[0], files[1], call.transcript, files
 
 

@@ -5,7 +5,8 @@ Implements:
     (channels are averaged; decoding by FFmpeg through PyAV, resampling by soxr);
   * `normalize_loudness(pcm)`: a pure gain to -24 LUFS (ITU BS.1770 via pyloudnorm), as the
     reference does for voice prompts;
-  * `write_wav`, `int16_to_float`, `float_to_int16`;
+  * `write_wav`, `wav_bytes`, `int16_to_float`, `float_to_int16`;
+  * `frames_of`: a clip as whole 80 ms frames;
   * `FrameBuffer`: chunks of any size in, whole 1920-sample frames out.
 Every failure is an `AudioError` whose message says what is wrong with the file.
 """
@@ -122,6 +123,15 @@ def wav_bytes(pcm: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
 
 def write_wav(path: str | Path, pcm: np.ndarray, rate: int = SAMPLE_RATE) -> None:
     Path(path).write_bytes(wav_bytes(pcm, rate))
+
+
+def frames_of(pcm: np.ndarray) -> np.ndarray:
+    """float32 [T] -> [F, 1920] 80 ms frames, the last one zero-padded; an empty clip is refused."""
+    if pcm.size == 0:
+        raise AudioError("the recording is empty")
+    frames = np.zeros((-(-pcm.size // FRAME_SIZE), FRAME_SIZE), dtype=np.float32)
+    frames.reshape(-1)[: pcm.size] = pcm
+    return frames
 
 
 class FrameBuffer:

@@ -122,10 +122,6 @@ class LMConfig:
         return 1 + self.n_q
 
     @property
-    def max_delay(self) -> int:
-        return max(self.delays)
-
-    @property
     def hidden(self) -> int:
         return gated_hidden(self.dim, int(self.hidden_scale * self.dim))
 

@@ -71,15 +71,6 @@ class Mimi(nn.Module):
         self.downsample = _Downsample(dim, cfg.downsample_stride)
         self.upsample = _Upsample(dim, cfg.downsample_stride)
 
-    @property
-    def encoder_part(self) -> list[nn.Module]:
-        """The modules whose streaming state the encoder uses (to reset them on their own)."""
-        return [self.encoder, self.encoder_transformer, self.downsample]
-
-    @property
-    def decoder_part(self) -> list[nn.Module]:
-        return [self.upsample, self.decoder_transformer, self.decoder]
-
     def encode(self, pcm: torch.Tensor) -> torch.Tensor:
         """pcm [B, 1, F * 1920] float32 -> codes [B, 8, F] int64."""
         _, C, T = pcm.shape

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, read_audio, write_wav
+from .audio import frames_of, read_audio, write_wav
 from .config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, load_config
 from .engine import Engine
 from .generate import PromptFrames
@@ -47,21 +47,17 @@ def converse(
     on_frame: Callable[[int, int], None] | None = None,
 ) -> Conversation:
     """Run `user_pcm` (float32 [T] at 24 kHz) through one slot of the engine, frame by frame."""
-    if user_pcm.size == 0:
-        raise AudioError("the user audio is empty")
-    frames = -(-user_pcm.size // FRAME_SIZE)
-    padded = np.zeros((frames, FRAME_SIZE), dtype=np.float32)
-    padded.reshape(-1)[: user_pcm.size] = user_pcm
+    frames = frames_of(user_pcm)
     engine.start(slot, prompt, sampling)
     batch = torch.zeros(engine.num_slots, FRAME_SIZE)
     pcm_out, text_out = [], []
-    for i in range(frames):
-        batch[slot] = torch.from_numpy(padded[i])
+    for i, frame_in in enumerate(frames):
+        batch[slot] = torch.from_numpy(frame_in)
         frame = engine.step(batch)
         pcm_out.append(frame.pcm[slot].float().cpu())
         text_out.append(frame.text[slot].cpu())
         if on_frame is not None:
-            on_frame(i + 1, frames)
+            on_frame(i + 1, len(frames))
     pcm = torch.cat(pcm_out).numpy()[: user_pcm.size]
     return Conversation(pcm=pcm, text_ids=[int(t) for t in text_out])
 

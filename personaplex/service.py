@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, read_audio, wav_bytes
+from .audio import AudioError, frames_of, read_audio, wav_bytes
 from .config import FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
 from .engine import Engine
 from .generate import PromptFrames
@@ -188,8 +188,9 @@ class Service:
         return self.engine, self.worker
 
     def voice(self, name: str) -> VoicePrompt:
-        """A checkpoint voice by name, or a custom voice by its key; cached."""
-        engine, _ = self._require_ready()
+        """A checkpoint voice by name, or a custom voice by its key; cached. A voice stored as
+        audio is encoded by Mimi, which only the engine thread may run (between two ticks)."""
+        engine, worker = self._require_ready()
         if name.startswith(CUSTOM_VOICE_PREFIX):
             with self._lock:
                 voice = self._custom.get(name)
@@ -197,9 +198,16 @@ class Service:
                 raise AudioError("the uploaded voice is no longer available: upload it again")
             return voice
         with self._lock:
-            if name not in self._voices:
-                self._voices[name] = engine.voice(name)
-            return self._voices[name]
+            cached = self._voices.get(name)
+        if cached is None:
+            path = self.models.voices.get(name) if self.models else None
+            if path is not None and path.suffix.lower() != ".pt":  # needs Mimi: the engine thread's
+                cached = worker.call(lambda: engine.voice(name)).result()
+            else:  # a .pt file, or an unknown name (engine.voice says which names exist)
+                cached = engine.voice(name)
+            with self._lock:
+                self._voices[name] = cached
+        return cached
 
     def add_custom_voice(self, path: str | Path) -> tuple[str, float]:
         """Validate, normalise and encode an uploaded voice clip; return (key, seconds)."""
@@ -249,12 +257,8 @@ class Service:
     ) -> CallRecorder:
         """The whole recording through the engine (at its pace); returns the finished call."""
         _, worker = self._require_ready()
-        if user_pcm.size == 0:
-            raise AudioError("the recording is empty")
-        frames = -(-user_pcm.size // FRAME_SIZE)
-        padded = np.zeros(frames * FRAME_SIZE, dtype=np.float32)
-        padded[: user_pcm.size] = user_pcm
-        chunks = list(padded.reshape(frames, FRAME_SIZE))
+        chunks = list(frames_of(user_pcm))
+        frames = len(chunks)
         recorder = CallRecorder(self.models.tokenizer if self.models else None)
 
         def on_frame(out: FrameOut) -> None:
@@ -305,10 +309,6 @@ class CallRecorder:
 
     def stereo_wav(self) -> bytes:
         return wav_bytes(np.stack([self.channel(self.user), self.channel(self.agent)], axis=1))
-
-    @property
-    def seconds(self) -> float:
-        return len(self.agent) * FRAME_SIZE / SAMPLE_RATE
 
 
 def _lm_parameter_count(config: ModelConfig) -> dict[str, int]:

@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -59,8 +59,6 @@ class SessionStats:
     frames_out: int = 0
     dropped: int = 0  # input frames dropped because the engine fell behind
     late: int = 0  # ticks without input from this session (silence used)
-    started: float = field(default_factory=time.monotonic)
-    live_since: float | None = None
 
 
 class Session:
@@ -146,7 +144,6 @@ class EngineWorker:
         self.idle_timeout_s = idle_timeout_s
         self.max_backlog = max_backlog
         self.last_tick_ms = 0.0
-        self.ticks = 0
         self._cond = threading.Condition()
         self._jobs: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
         self._sessions: dict[int, Session] = {}  # slot -> session
@@ -204,7 +201,6 @@ class EngineWorker:
                 session.stats.frames_in = len(inputs or [])
                 session._oldest_input = time.monotonic() if inputs else None
                 session._last_input = time.monotonic()
-                session.stats.live_since = time.monotonic()
             session.ready.set()
 
         self.call(start)
@@ -281,8 +277,7 @@ class EngineWorker:
         for session in list(self._sessions.values()):
             if session.realtime and session.ready.is_set() and now - session._last_input > self.idle_timeout_s:
                 logger.info("session %d sent no audio for %.0f s: freeing slot %d", session.id, self.idle_timeout_s, session.slot)
-                session.closed.set()
-                del self._sessions[session.slot]
+                self._close(session)
 
     def _tick(self, live: list[tuple[Session, np.ndarray | None]]) -> None:
         bucket = self.engine.bucket_for(max(s.slot for s, _ in live) + 1)
@@ -295,10 +290,9 @@ class EngineWorker:
         start = time.perf_counter()
         out = self.engine.step(torch.from_numpy(batch), bucket)
         self._wait_for_device()
-        pcm = out.pcm.float().cpu().numpy()  # the one device -> host copy of the tick
+        pcm = out.pcm.float().cpu().numpy()  # the tick's results to the host (the device is done)
         text = out.text.cpu().numpy()
         self.last_tick_ms = (time.perf_counter() - start) * 1000
-        self.ticks += 1
         for session, _ in live:
             if session.closed.is_set():  # closed by its owner during the tick
                 continue

@@ -57,3 +57,31 @@ def test_the_tiny_model_comes_up_ready():
         assert svc.voice_names() == ["TESTV0"]
     finally:
         svc.worker.stop()
+
+
+def test_a_voice_stored_as_audio_is_encoded_on_the_engine_thread(tmp_path):
+    from personaplex.sampling import SamplingParams
+
+    from .test_loading import copy_checkpoint
+
+    folder = copy_checkpoint(tmp_path / "ckpt", skip=("TESTV0.pt",))
+    svc = Service(Settings(checkpoint=str(folder), config=str(TINY_CONFIG), device="cpu", max_sessions=1))
+    svc.start()
+    assert svc.wait_ready(60).ready
+    try:
+        engine_threads = []
+        real = svc.engine.voice
+
+        def spy(name):
+            import threading
+
+            engine_threads.append(threading.current_thread().name)
+            return real(name)
+
+        svc.engine.voice = spy
+        session = svc.open_conversation("TESTV0", "", SamplingParams(), lambda out: None)
+        assert session.ready.wait(10) and session.error is None
+        assert engine_threads == ["personaplex-engine"]
+        session.close()
+    finally:
+        svc.worker.stop()
