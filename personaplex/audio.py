@@ -22,12 +22,13 @@ import av
 import numpy as np
 
 from .config import FRAME_SIZE, SAMPLE_RATE, VOICE_PROMPT_LUFS
+from .errors import UserError
 
 _INT16_SCALE = 32768.0
 _LOUDNESS_BLOCK_S = 0.4  # BS.1770 gating block: shorter clips have no loudness
 
 
-class AudioError(ValueError):
+class AudioError(UserError):
     """Audio that cannot be used, with a message meant for the person who supplied it."""
 
 
@@ -149,5 +150,7 @@ class FrameBuffer:
         self._pending = self._pending[n * self.frame_size :].copy()
         return frames
 
-    def clear(self) -> None:
-        self._pending = np.zeros(0, dtype=np.float32)
+    @property
+    def pending(self) -> int:
+        """Samples waiting for the rest of their frame."""
+        return self._pending.shape[0]

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UserError
+
 # --- audio -------------------------------------------------------------------------------
 SAMPLE_RATE = 24_000
 FRAME_RATE = 12.5
@@ -167,7 +169,7 @@ TINY = ModelConfig(
 PRESETS = {"7b": PERSONAPLEX_7B, "tiny": TINY}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration file that this implementation cannot run."""
 
 

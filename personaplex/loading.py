@@ -29,9 +29,10 @@ import torch
 from torch import nn
 
 from .config import ModelConfig
+from .errors import UserError
 from .lm import LMModel
 from .mimi import Mimi
-from .persona import VoicePrompt, voice_from_saved
+from .persona import PromptError, VoicePrompt, voice_from_saved
 
 logger = logging.getLogger(__name__)
 
@@ -45,7 +46,7 @@ VOICE_SUFFIXES = (".pt", ".wav", ".flac", ".mp3", ".ogg")
 _VOICE_MEMBER = re.compile(r"^voices/[A-Za-z0-9_.-]+$")
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError):
     """The weights cannot be found or used; the message says what to do."""
 
 
@@ -198,7 +199,7 @@ def load_voice_embeddings(path: Path, config: ModelConfig) -> VoicePrompt:
         raise CheckpointError(f"{path.name} is not a PersonaPlex voice prompt (needs 'embeddings' and 'cache')")
     try:
         return voice_from_saved(data["embeddings"].float(), data["cache"], config.lm)
-    except ValueError as exc:
+    except PromptError as exc:
         raise CheckpointError(f"{path.name}: {exc}") from exc
 
 

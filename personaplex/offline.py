@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -22,10 +21,11 @@ import torch
 from .audio import frames_of, read_audio, write_wav
 from .config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, load_config
 from .engine import Engine
+from .errors import UserError
 from .generate import PromptFrames
 from .loading import DEFAULT_REPO, CheckpointError, list_voices, load_models, resolve_checkpoint
 from .persona import VoicePrompt
-from .sampling import SamplingParams
+from .sampling import SamplingParams, random_seed
 from .text import piece_label
 
 logger = logging.getLogger("personaplex.offline")
@@ -76,10 +76,11 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", help="model hyper-parameters as JSON, in the reference's names (default: the 7B release)")
     p.add_argument("--seed", type=int, default=-1, help="random seed (-1: a fresh one)")
     p.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
-    p.add_argument("--temp-audio", type=float, default=0.8)
-    p.add_argument("--temp-text", type=float, default=0.7)
-    p.add_argument("--topk-audio", type=int, default=250)
-    p.add_argument("--topk-text", type=int, default=25)
+    defaults = SamplingParams()
+    p.add_argument("--temp-audio", type=float, default=defaults.temp_audio)
+    p.add_argument("--temp-text", type=float, default=defaults.temp_text)
+    p.add_argument("--topk-audio", type=int, default=defaults.topk_audio)
+    p.add_argument("--topk-text", type=int, default=defaults.topk_text)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="LM weights (default: bfloat16 on cuda, float32 on cpu)")
     return p
@@ -101,7 +102,7 @@ def _voice(engine: Engine, value: str, voice_dir: str | None) -> VoicePrompt:
 def run(args: argparse.Namespace) -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         raise CheckpointError("--device cuda was asked for but no CUDA GPU is available: use --device cpu")
-    seed = args.seed if args.seed != -1 else int.from_bytes(os.urandom(4), "little")
+    seed = args.seed if args.seed != -1 else random_seed()
     sampling = SamplingParams(args.temp_text, args.topk_text, args.temp_audio, args.topk_audio, args.greedy, seed)
     config = load_config(args.config) if args.config else PERSONAPLEX_7B
     user_pcm = read_audio(args.input_wav)
@@ -126,7 +127,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with torch.inference_mode():
             run(args)
-    except (ValueError, CheckpointError) as exc:  # AudioError, PromptError, ConfigError and bad settings
+    except UserError as exc:  # a bad file, setting or checkpoint: its message says what to do
         logger.error("%s", exc)
         return 2
     return 0

@@ -25,12 +25,13 @@ from .config import (
     TEXT_PAD_ID,
     LMConfig,
 )
+from .errors import UserError
 from .generate import RING_SIZE, PromptFrames
 from .mimi import Mimi
 from .streaming import detached
 
 
-class PromptError(ValueError):
+class PromptError(UserError):
     """A persona prompt that cannot be used (too long, malformed voice)."""
 
 

@@ -13,10 +13,13 @@ the order of every draw on the device (REFERENCE_SPEC 8.17; decision 5).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+
+from .errors import SettingsError
 
 _MASK32 = 0xFFFFFFFF
 
@@ -26,9 +29,18 @@ _MASK32 = 0xFFFFFFFF
 MAX_TOP_K = {"text": 100, "audio": 500}
 
 
+MAX_TEMPERATURE = 10.0
+SEED_MAX = 2**32 - 1  # the noise hash reads 32 bits of the seed: larger seeds would repeat smaller ones
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """Per-conversation decoding settings; the defaults are the reference's."""
+    """Per-conversation decoding settings; the defaults are the reference's. Out-of-range or
+    wrongly typed values raise `SettingsError` (they may come from a client)."""
 
     temp_text: float = 0.7
     topk_text: int = 25
@@ -39,11 +51,17 @@ class SamplingParams:
 
     def __post_init__(self) -> None:
         for name in ("temp_text", "temp_audio"):
-            if not 0.0 <= getattr(self, name) <= 10.0:
-                raise ValueError(f"{name} must be between 0 and 10, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= MAX_TEMPERATURE:
+                raise SettingsError(f"{name} must be a number from 0 to {MAX_TEMPERATURE:g}, got {value!r}")
         for name, kind in (("topk_text", "text"), ("topk_audio", "audio")):
-            if not 1 <= getattr(self, name) <= MAX_TOP_K[kind]:
-                raise ValueError(f"{name} must be between 1 and {MAX_TOP_K[kind]}, got {getattr(self, name)}")
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K[kind]:
+                raise SettingsError(f"{name} must be a whole number from 1 to {MAX_TOP_K[kind]}, got {value!r}")
+        if not isinstance(self.greedy, bool):
+            raise SettingsError(f"greedy must be true or false, got {self.greedy!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise SettingsError(f"the seed must be a whole number from 0 to {SEED_MAX}, got {self.seed!r}")
 
     @property
     def text_temperature(self) -> float:

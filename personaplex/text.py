@@ -1,8 +1,9 @@
 """The text side: role prompts in, the agent's text pieces out.
 
 Implements `wrap_with_system_tags`, `encode_role` (the prompt's token ids, no BOS/EOS; an empty
-role gives no tokens, where the reference crashes) and `piece_text` / `piece_label` (how the
-reference shows a sampled id: "PAD" for 3, "EPAD" for 0, else the piece with "▁" as a space).
+role gives no tokens, where the reference crashes), `piece_text` / `piece_label` (how the
+reference shows a sampled id: "PAD" for 3, "EPAD" for 0, else the piece with "▁" as a space)
+and `caption_text` (the same for people: no tokenizer markers).
 """
 
 from __future__ import annotations
@@ -19,6 +20,10 @@ class Tokenizer(Protocol):
     def encode(self, text: str) -> list[int]: ...
 
     def id_to_piece(self, token: int) -> str: ...
+
+    def is_control(self, token: int) -> bool: ...
+
+    def is_unknown(self, token: int) -> bool: ...
 
 
 def wrap_with_system_tags(text: str) -> str:
@@ -41,6 +46,14 @@ def piece_text(token: int, tokenizer: Tokenizer) -> str:
     if token in _PADDING_LABELS:
         return ""
     return tokenizer.id_to_piece(token).replace("▁", " ")
+
+
+def caption_text(token: int, tokenizer: Tokenizer) -> str:
+    """What a person reads for this step: `piece_text` without the tokenizer's control and
+    unknown pieces (`<s>`, `</s>`, `<unk>`), which the model may emit but nobody says."""
+    if tokenizer.is_control(token) or tokenizer.is_unknown(token):
+        return ""
+    return piece_text(token, tokenizer)
 
 
 def piece_label(token: int, tokenizer: Tokenizer) -> str:

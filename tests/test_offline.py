@@ -99,7 +99,7 @@ NO_CUDA = pytest.mark.skipif(torch.cuda.is_available(), reason="a CUDA device is
         (lambda p: {"--voice-prompt": corrupt_input(p)}, "bad.wav could not be decoded"),
         (lambda p: {"--checkpoint": p}, "missing model.safetensors: looked for"),
         (lambda p: {"--config": small_context_config(p)}, "role text is 68 tokens; with this voice at most 27 fit"),
-        (lambda p: {"--topk-audio": 0}, "topk_audio must be between 1 and 500"),
+        (lambda p: {"--topk-audio": 0}, "topk_audio must be a whole number from 1 to 500"),
         pytest.param(lambda p: {"--device": "cuda"}, "no CUDA GPU is available", marks=NO_CUDA),
     ],
     ids=["corrupt-input", "empty-input", "unknown-voice", "corrupt-voice", "missing-checkpoint", "role-too-long",
@@ -121,7 +121,7 @@ def test_bad_inputs_give_a_clear_message(tmp_path, caplog, overrides, message):
 def test_wrong_shape_checkpoint_names_the_tensor(tmp_path, caplog):
     from safetensors.torch import load_file, save_file
 
-    from .test_loading import copy_checkpoint
+    from .helpers import copy_checkpoint
 
     folder = copy_checkpoint(tmp_path / "ckpt")
     state = load_file(str(folder / "model.safetensors"))

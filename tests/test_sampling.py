@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex.sampling import MAX_TOP_K, SamplingParams, race_noise, sample_tokens
+from personaplex.errors import SettingsError
+from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams, race_noise, sample_tokens
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
@@ -57,9 +58,13 @@ def test_each_slot_uses_its_own_settings():
 
 @pytest.mark.parametrize(
     "field,value,message",
-    [("temp_text", -0.1, "between 0 and 10"), ("temp_audio", 11.0, "between 0 and 10"),
-     ("topk_text", 0, f"between 1 and {MAX_TOP_K['text']}"), ("topk_audio", 501, f"between 1 and {MAX_TOP_K['audio']}")],
+    [("temp_text", -0.1, "a number from 0 to 10"), ("temp_audio", 11.0, "a number from 0 to 10"),
+     ("temp_text", float("nan"), "a number from 0 to 10"), ("temp_audio", "0.8", "a number from 0 to 10"),
+     ("topk_text", 0, f"a whole number from 1 to {MAX_TOP_K['text']}"), ("topk_audio", 501, f"a whole number from 1 to {MAX_TOP_K['audio']}"),
+     ("topk_text", 2.5, "a whole number"), ("greedy", "false", "true or false"),
+     ("seed", 2**63, f"a whole number from 0 to {SEED_MAX}"), ("seed", -1, "a whole number from 0"), ("seed", True, "a whole number")],
 )
 def test_invalid_settings_are_refused(field, value, message):
-    with pytest.raises(ValueError, match=f"{field} must be {message}"):
+    name = "the seed" if field == "seed" else field
+    with pytest.raises(SettingsError, match=f"{name} must be {message}"):
         SamplingParams(**{field: value})
