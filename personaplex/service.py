@@ -3,10 +3,11 @@
 Implements:
   * `Service`: loads the checkpoint in a background thread (the page is up meanwhile) and
     reports each stage and every problem in plain words with the fix (`status`); then owns the
-    `EngineWorker` and hands out conversations (`open_conversation`) and offline runs;
+    `EngineWorker`, starts live calls in their `Session`s (`start_call`) and runs recordings
+    through the engine (`run_offline`); it keeps the files calls leave (`files`);
   * voices: the checkpoint's voice table (names only, never client paths) and custom voices
     (`add_custom_voice`: validated, loudness-normalised, encoded once, cached by content hash);
-  * `CallRecorder`: the stereo recording (user left, agent right) and transcript of a call.
+  * `NotReady`, `OfflineResult`.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import enum
 import hashlib
 import logging
+import os
 import threading
 import time
 from collections import OrderedDict
@@ -24,16 +26,19 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, frames_of, read_audio, wav_bytes
+from .audio import AudioError, read_audio
 from .config import FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
 from .engine import Engine
+from .errors import SettingsError, UserError
 from .generate import PromptFrames
 from .lm import LMModel
 from .loading import CheckpointError, Models, load_models, resolve_checkpoint
 from .persona import VoicePrompt
+from .recording import FRAME_S, FileStore, Transcript
 from .sampling import SamplingParams
-from .text import piece_text
-from .worker import EngineWorker, FrameOut, Session
+from .session import OFFLINE, Session
+from .text import caption_text
+from .worker import EngineWorker
 
 logger = logging.getLogger(__name__)
 
@@ -74,8 +79,15 @@ class Settings:
     prefill: bool = True
 
 
-class NotReady(RuntimeError):
+class NotReady(UserError):
     """The model is not loaded (yet)."""
+
+
+@dataclass(frozen=True)
+class OfflineResult:
+    user: np.ndarray  # [T] float32 the recording given
+    agent: np.ndarray  # [T] float32 the model's side, exactly as long
+    transcript: Transcript
 
 
 class Service:
@@ -91,6 +103,7 @@ class Service:
         self._custom: OrderedDict[str, VoicePrompt] = OrderedDict()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self.files = FileStore()
 
     # --- loading ------------------------------------------------------------------------
     def start(self) -> None:
@@ -122,6 +135,8 @@ class Service:
             self._set(State.DOWNLOADING, f"fetching the weights of {source} (about 17 GB the first time)" if not s.checkpoint else f"reading {source}")
             files = resolve_checkpoint(s.checkpoint, s.hf_repo)
             self._set(State.LOADING, f"loading the model onto {self.device}")
+            if self.device.type == "cpu":
+                torch.set_num_threads(cpu_threads())
             self.models = load_models(files, self.config, self.device, dtype)
             slots = s.max_sessions or suggest_slots(self.config, self.models.lm.dtype, self.device)
             self.engine = Engine(self.models, num_slots=slots)
@@ -238,14 +253,17 @@ class Service:
     def prompt(self, voice: str, role: str) -> PromptFrames:
         engine, _ = self._require_ready()
         if len(role) > MAX_ROLE_CHARS:
-            raise ValueError(f"the role prompt is {len(role)} characters; the limit is {MAX_ROLE_CHARS}")
+            raise SettingsError(f"the role prompt is {len(role)} characters; the limit is {MAX_ROLE_CHARS}")
         return engine.prompt(self.voice(voice), role)
 
-    def open_conversation(
-        self, voice: str, role: str, sampling: SamplingParams, on_frame: Callable[[FrameOut], None]
-    ) -> Session:
+    def describe(self, text_id: int) -> str:
+        """The words of one text id, as people read them."""
+        return caption_text(text_id, self.models.tokenizer) if self.models is not None else ""
+
+    def start_call(self, session: Session, voice: str, role: str, sampling: SamplingParams) -> None:
+        """Give a live session its persona and a slot; raises `UserError`s (busy, bad voice...)."""
         _, worker = self._require_ready()
-        return worker.open_session(self.prompt(voice, role), sampling, on_frame)
+        worker.open(session, self.prompt(voice, role), sampling, self.describe)
 
     def run_offline(
         self,
@@ -254,61 +272,39 @@ class Service:
         sampling: SamplingParams,
         user_pcm: np.ndarray,
         progress: Callable[[int, int], None] | None = None,
-    ) -> CallRecorder:
-        """The whole recording through the engine (at its pace); returns the finished call."""
+    ) -> OfflineResult:
+        """The whole recording through the engine, at its pace, in a slot of its own."""
         _, worker = self._require_ready()
-        chunks = list(frames_of(user_pcm))
-        frames = len(chunks)
-        recorder = CallRecorder(self.models.tokenizer if self.models else None)
+        if user_pcm.size == 0:
+            raise AudioError("the recording is empty")
+        session = Session(OFFLINE)
+        worker.open(session, self.prompt(voice, role), sampling, self.describe)
+        session.push(user_pcm, final=True)
+        total = session.stats.frames_in
+        agent: list[np.ndarray] = []
+        transcript = Transcript()
+        try:
+            while len(agent) < total:
+                out = session.next(0.5)
+                if out is None:
+                    if session.ending is not None:
+                        raise RuntimeError(session.ending.message)
+                    continue
+                agent.append(out.pcm)
+                transcript.add(out.index * FRAME_S, out.text)
+                if progress is not None:
+                    progress(len(agent), total)
+        finally:
+            session.end("stopped", "the recording is done")
+        return OfflineResult(user=user_pcm, agent=np.concatenate(agent)[: user_pcm.size], transcript=transcript)
 
-        def on_frame(out: FrameOut) -> None:
-            recorder.add(out)
-            if progress is not None:
-                progress(out.index + 1, frames)
 
-        session = worker.open_session(self.prompt(voice, role), sampling, on_frame, inputs=chunks)
-        while not session.closed.wait(0.5):
-            pass
-        if session.error is not None:
-            raise session.error
-        recorder.trim(user_pcm.size)
-        return recorder
-
-
-class CallRecorder:
-    """User and agent audio of a call, frame-aligned, and the agent's text."""
-
-    def __init__(self, tokenizer: object | None) -> None:
-        self.tokenizer = tokenizer
-        self.user: list[np.ndarray] = []
-        self.agent: list[np.ndarray] = []
-        self.pieces: list[str] = []
-        self._length: int | None = None
-
-    def add(self, out: FrameOut) -> str:
-        """Record one frame; return the text piece it adds ('' for none)."""
-        self.user.append(out.user_pcm)
-        self.agent.append(out.pcm)
-        piece = piece_text(out.text_id, self.tokenizer) if self.tokenizer is not None else ""  # type: ignore[arg-type]
-        self.pieces.append(piece)
-        return piece
-
-    def trim(self, samples: int) -> None:
-        self._length = samples
-
-    @property
-    def transcript(self) -> str:
-        return "".join(self.pieces).strip()
-
-    def channel(self, frames: list[np.ndarray]) -> np.ndarray:
-        pcm = np.concatenate(frames) if frames else np.zeros(0, dtype=np.float32)
-        return pcm[: self._length] if self._length is not None else pcm
-
-    def agent_wav(self) -> bytes:
-        return wav_bytes(self.channel(self.agent))
-
-    def stereo_wav(self) -> bytes:
-        return wav_bytes(np.stack([self.channel(self.user), self.channel(self.agent)], axis=1))
+def cpu_threads() -> int:
+    """Torch threads for a model on the CPU: half the cores. The other half serve every call's
+    WebRTC and Opus work on the event loop; with all cores, torch's busy-waiting threads and the
+    event loop take turns and live audio comes late (measured on 2 cores: 72 of 245 frames of a
+    20 s call came too late with 2 threads, none with 1)."""
+    return max(1, (os.cpu_count() or 2) // 2)
 
 
 def _lm_parameter_count(config: ModelConfig) -> dict[str, int]:

@@ -50,6 +50,37 @@ def tone(seconds: float, rate: int, freq: float = 440.0, channels: int = 1, ampl
     return np.stack([wave] * channels)
 
 
+def noise_pcm(frames: int, seed: int = 0):
+    """A gliding tone with noise, float32 [frames * 1920]: audio that moves every code."""
+    import torch
+
+    from personaplex.config import FRAME_SIZE
+
+    g = torch.Generator().manual_seed(seed)
+    t = torch.arange(frames * FRAME_SIZE) / 24000
+    tone = 0.3 * torch.sin(2 * torch.pi * 220 * t * (1 + 0.5 * torch.sin(2 * torch.pi * 0.7 * t)))
+    return (tone + 0.05 * torch.randn(frames * FRAME_SIZE, generator=g)).float()
+
+
+def user_audio(frames: int, seed: int):
+    """`noise_pcm` as a list of [1920] frames."""
+    from personaplex.config import FRAME_SIZE
+
+    pcm = noise_pcm(frames, seed)
+    return [pcm[i * FRAME_SIZE : (i + 1) * FRAME_SIZE] for i in range(frames)]
+
+
+def copy_checkpoint(dst: Path, skip: tuple[str, ...] = ()) -> Path:
+    """The tiny checkpoint copied to `dst`, without the files named in `skip`."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for path in CHECKPOINT.rglob("*"):
+        rel = path.relative_to(CHECKPOINT)
+        if path.is_file() and rel.name not in skip:
+            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+            (dst / rel).write_bytes(path.read_bytes())
+    return dst
+
+
 def start_tiny_service(max_sessions: int = 2):
     """A `Service` on the tiny golden checkpoint (CPU), loaded and ready."""
     from personaplex.service import Service, Settings

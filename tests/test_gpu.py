@@ -10,8 +10,7 @@ from personaplex.engine import Engine
 from personaplex.loading import load_models, resolve_checkpoint
 from personaplex.sampling import SamplingParams
 
-from .helpers import CHECKPOINT
-from .test_invariants import user_audio
+from .helpers import CHECKPOINT, user_audio
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 

@@ -16,16 +16,9 @@ from personaplex.loading import load_strict
 from personaplex.sampling import SamplingParams
 from personaplex.streaming import reset_slots, slot_mask, streaming
 
-from .helpers import CHECKPOINT
+from .helpers import CHECKPOINT, noise_pcm, user_audio
 
 LONG_FRAMES = 140  # 280 encoder steps: past Mimi's 250-step window and its 251-entry ring
-
-
-def noise_pcm(frames: int, seed: int = 0) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    t = torch.arange(frames * FRAME_SIZE) / 24000
-    tone = 0.3 * torch.sin(2 * torch.pi * 220 * t * (1 + 0.5 * torch.sin(2 * torch.pi * 0.7 * t)))
-    return (tone + 0.05 * torch.randn(frames * FRAME_SIZE, generator=g)).float()
 
 
 @torch.inference_mode()
@@ -150,11 +143,6 @@ def test_depformer_steps_equal_the_whole_pass_at_every_step(models, expected):
     cache = lm.new_depformer_cache(1, 16)
     stepped = torch.stack([lm.depformer_step(s, inputs[s], h, cache) for s in range(16)], 1)
     torch.testing.assert_close(stepped, whole_depformer_logits(lm, h, inputs), atol=1e-5, rtol=0)
-
-
-def user_audio(frames: int, seed: int) -> list[torch.Tensor]:
-    pcm = noise_pcm(frames, seed)
-    return [pcm[i * FRAME_SIZE : (i + 1) * FRAME_SIZE] for i in range(frames)]
 
 
 @torch.inference_mode()

@@ -31,19 +31,9 @@ from personaplex.loading import (
     resolve_checkpoint,
 )
 
-from .helpers import CHECKPOINT
+from .helpers import CHECKPOINT, copy_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def copy_checkpoint(dst: Path, skip: tuple[str, ...] = ()) -> Path:
-    dst.mkdir(parents=True, exist_ok=True)
-    for path in CHECKPOINT.rglob("*"):
-        rel = path.relative_to(CHECKPOINT)
-        if path.is_file() and rel.name not in skip:
-            (dst / rel).parent.mkdir(parents=True, exist_ok=True)
-            (dst / rel).write_bytes(path.read_bytes())
-    return dst
 
 
 @pytest.mark.parametrize("missing", [LM_FILE, MIMI_FILE, TOKENIZER_FILE])

@@ -61,8 +61,9 @@ def test_the_tiny_model_comes_up_ready():
 
 def test_a_voice_stored_as_audio_is_encoded_on_the_engine_thread(tmp_path):
     from personaplex.sampling import SamplingParams
+    from personaplex.session import Phase, Session
 
-    from .test_loading import copy_checkpoint
+    from .helpers import copy_checkpoint
 
     folder = copy_checkpoint(tmp_path / "ckpt", skip=("TESTV0.pt",))
     svc = Service(Settings(checkpoint=str(folder), config=str(TINY_CONFIG), device="cpu", max_sessions=1))
@@ -79,9 +80,10 @@ def test_a_voice_stored_as_audio_is_encoded_on_the_engine_thread(tmp_path):
             return real(name)
 
         svc.engine.voice = spy
-        session = svc.open_conversation("TESTV0", "", SamplingParams(), lambda out: None)
-        assert session.ready.wait(10) and session.error is None
+        session = Session()
+        svc.start_call(session, "TESTV0", "", SamplingParams())
+        assert session.phase in (Phase.STARTING, Phase.LIVE) and session.ending is None
         assert engine_threads == ["personaplex-engine"]
-        session.close()
+        session.end("stopped", "bye")
     finally:
         svc.worker.stop()

@@ -1,4 +1,5 @@
-"""The engine thread: sessions join and leave, bounded queues, busy, idle slots freed."""
+"""The engine thread with the tiny model: sessions join and leave, busy, slots freed, and no
+consumer or stalled job makes another session's audio late."""
 
 from __future__ import annotations
 
@@ -12,14 +13,15 @@ import torch
 from personaplex.config import FRAME_SIZE
 from personaplex.engine import Engine
 from personaplex.sampling import SamplingParams
+from personaplex.session import OFFLINE, REALTIME, Limits, Phase, Session
 from personaplex.worker import Busy, EngineWorker
 
-from .test_invariants import user_audio
+from .helpers import user_audio
 
 
 @pytest.fixture
 def worker(models):
-    w = EngineWorker(Engine(models, num_slots=2), max_wait_s=0.05, idle_timeout_s=1.0)
+    w = EngineWorker(Engine(models, num_slots=2), max_wait_s=0.05)
     yield w
     w.stop()
 
@@ -28,79 +30,117 @@ def persona(engine: Engine, role: str):
     return engine.prompt(engine.voice("TESTV0"), role)
 
 
-def collect(worker, role, frames=None):
-    """Open a session (real time without `frames`); return it and the frames it gets."""
-    got = []
-    session = worker.open_session(persona(worker.engine, role), SamplingParams(greedy=True), got.append, inputs=frames)
-    return session, got
+def open_session(worker: EngineWorker, role: str = "", limits: Limits = REALTIME, sampling: SamplingParams | None = None) -> Session:
+    session = Session(limits)
+    worker.open(session, persona(worker.engine, role), sampling or SamplingParams(greedy=True), describe=str)
+    return session
+
+
+def wait_live(session: Session, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while session.phase is Phase.STARTING and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.phase is Phase.LIVE, session.ending
 
 
 def test_sessions_through_the_worker_match_the_engine_alone(models, worker):
-    audio = {r: [f.numpy() for f in user_audio(10, seed=i)] for i, r in enumerate(["You enjoy having a good conversation.", ""])}
-    runs = [collect(worker, role, frames) for role, frames in audio.items()]
-    for session, _ in runs:
-        assert session.closed.wait(20) and session.error is None  # closed after its last frame
+    audio = {r: user_audio(10, seed=i) for i, r in enumerate(["You enjoy having a good conversation.", ""])}
+    runs = []
+    for role, frames in audio.items():
+        session = open_session(worker, role, OFFLINE)
+        session.push(torch.cat(frames).numpy(), final=True)
+        runs.append(session)
+    got = []
+    for session in runs:
+        outs = []
+        while len(outs) < 10:
+            out = session.next(10.0)
+            assert out is not None, session.ending
+            outs.append(out)
+        got.append(outs)
+        session.end("stopped", "done")
     assert worker.live_sessions == 0
     worker.stop()  # the engine below takes over the models' streaming state
-    for (_, got), (role, frames) in zip(runs, audio.items()):
+    for outs, (role, frames) in zip(got, audio.items()):
         solo = Engine(models, num_slots=1)
-        solo.start(0, solo.prompt(solo.voice("TESTV0"), role), SamplingParams(greedy=True))
-        want = [solo.step(torch.from_numpy(f)[None]) for f in frames]
-        assert [o.text_id for o in got] == [int(w.text[0]) for w in want]
-        np.testing.assert_allclose(np.stack([o.pcm for o in got]), np.stack([w.pcm[0].numpy() for w in want]), atol=1e-5)
-        assert [o.index for o in got] == list(range(len(frames)))
+        solo.start(0, persona(solo, role), SamplingParams(greedy=True))
+        want = [solo.step(f[None]) for f in frames]
+        assert [o.text for o in outs] == [str(int(w.text[0])) for w in want]
+        np.testing.assert_allclose(np.stack([o.pcm for o in outs]), np.stack([w.pcm[0].numpy() for w in want]), atol=1e-5)
+        assert [o.index for o in outs] == list(range(10))
 
 
-def test_busy_when_every_slot_is_taken_and_free_again_after_close(worker):
-    a, _ = collect(worker, "")
-    b, _ = collect(worker, "")
+def test_busy_when_every_slot_is_taken_and_free_again_after_the_end(worker):
+    a, b = open_session(worker), open_session(worker)
     with pytest.raises(Busy, match="all 2 conversation slots are in use"):
-        collect(worker, "")
-    a.close()
-    c, _ = collect(worker, "")
+        open_session(worker)
+    a.end("stopped", "bye")
+    c = open_session(worker)
     assert c.slot == a.slot
     for s in (b, c):
-        s.close()
+        s.end("stopped", "bye")
     assert worker.live_sessions == 0
 
 
-def test_a_slow_engine_drops_input_instead_of_growing_latency(worker):
-    session, got = collect(worker, "")
-    assert session.ready.wait(10)
+def test_a_consumer_that_blocks_for_a_second_delays_no_other_sessions_frames(worker):
+    blocked, other = open_session(worker), open_session(worker)
+    wait_live(blocked)
+    wait_live(other)
+    frames = [f.numpy() for f in user_audio(30, seed=3)]
+    pushed_at: dict[int, float] = {}
+    delays: list[float] = []
+
+    def consume_other() -> None:
+        while len(delays) < len(frames):
+            out = other.next(2.0)
+            assert out is not None
+            delays.append(time.monotonic() - pushed_at[out.index])
+
+    reader = threading.Thread(target=consume_other)
+    reader.start()
+    start = time.monotonic()
+    for k, frame in enumerate(frames):  # real time; `blocked`'s consumer takes nothing for 1.2 s
+        time.sleep(max(0.0, start + k * 0.08 - time.monotonic()))
+        pushed_at[k] = time.monotonic()
+        blocked.push(frame)
+        other.push(frame)
+    reader.join(10)
+    assert len(delays) == len(frames)
+    assert other.stats.silent_out == 0 and other.stats.unheard == 0  # every frame answered by the model
+    assert max(delays) < REALTIME.max_delay_s  # and in time
+    assert blocked.stats.frames_in == len(frames) and len(blocked._frames) <= REALTIME.max_pending
+    for s in (blocked, other):
+        s.end("stopped", "bye")
+
+
+def test_a_stalled_engine_answers_with_silence_instead_of_growing_the_lag(worker):
+    session = open_session(worker)
+    wait_live(session)
+    outs: list = []
+    reader = threading.Thread(target=lambda: outs.extend(o for _ in range(12) if (o := session.next(2.0)) is not None))
+    reader.start()
     gate = threading.Event()
-    worker.call(gate.wait)  # the engine thread is busy elsewhere
-    for frame in user_audio(10, seed=3):
+    worker.call(gate.wait)  # the engine thread is busy elsewhere for about a second
+    for k, frame in enumerate(user_audio(12, seed=5)):
         session.push(frame.numpy())
-    assert session.backlog == worker.max_backlog and session.stats.dropped == 10 - worker.max_backlog
-    gate.set()
-    deadline = time.monotonic() + 5
-    while len(got) < worker.max_backlog and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(got) == worker.max_backlog
-    session.close()
-
-
-def test_a_silent_session_does_not_hold_back_the_others(worker):
-    talker, got = collect(worker, "")
-    silent, _ = collect(worker, "")
-    assert talker.ready.wait(10) and silent.ready.wait(10)
-    for frame in user_audio(3, seed=4):
-        talker.push(frame.numpy())
         time.sleep(0.08)
-    deadline = time.monotonic() + 5
-    while len(got) < 3 and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert len(got) == 3 and silent.stats.late >= 3 and silent.stats.frames_out == 3
-    talker.close()
-    silent.close()
+        if k == 9:
+            gate.set()
+    reader.join(10)
+    assert [o.index for o in outs] == list(range(12))
+    assert not outs[0].from_model and session.stats.unheard >= 4  # waited too long: silence, not lag
+    assert outs[-1].from_model  # the engine is back: the model answers again
+    session.end("stopped", "bye")
 
 
 def test_a_vanished_client_frees_its_slot(worker):
-    session, _ = collect(worker, "")
-    assert session.ready.wait(10)
+    session = open_session(worker, limits=Limits(idle_timeout_s=0.5))
+    wait_live(session)
     session.push(np.zeros(FRAME_SIZE, dtype=np.float32))
-    assert session.closed.wait(worker.idle_timeout_s + 2)
-    assert worker.live_sessions == 0
+    deadline = time.monotonic() + 3
+    while session.phase is not Phase.ENDED and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert session.ending.reason == "idle" and worker.live_sessions == 0
 
 
 def test_a_bad_prompt_is_refused_before_it_takes_a_slot(worker):
@@ -109,32 +149,40 @@ def test_a_bad_prompt_is_refused_before_it_takes_a_slot(worker):
     empty = persona(worker.engine, "")
     empty = type(empty)(tokens=empty.tokens[:, :0])  # a prompt without frames cannot start
     with pytest.raises(PromptError, match="a prompt needs 2 to"):
-        worker.open_session(empty, SamplingParams(), lambda out: None)
+        worker.open(Session(), empty, SamplingParams(), describe=str)
     assert worker.live_sessions == 0
 
 
-def test_a_prompt_failing_on_the_engine_thread_reports_and_frees_the_slot(worker, monkeypatch):
+def test_a_prompt_failing_on_the_engine_thread_ends_the_session_and_frees_the_slot(worker, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
     monkeypatch.setattr(worker.engine, "start", broken)
-    session = worker.open_session(persona(worker.engine, ""), SamplingParams(), lambda out: None)
-    assert session.ready.wait(10) and session.closed.is_set()
-    assert isinstance(session.error, RuntimeError) and worker.live_sessions == 0
+    session = open_session(worker)
+    deadline = time.monotonic() + 5
+    while session.phase is not Phase.ENDED and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert session.ending.reason == "error" and "device lost" in session.ending.message
+    assert worker.live_sessions == 0
 
 
-def test_a_session_closed_before_its_prompt_ran_leaves_its_slot_alone(worker):
+def test_a_session_ended_before_its_prompt_ran_leaves_its_slot_alone(worker):
     gate = threading.Event()
     worker.call(gate.wait)  # the engine thread is busy: prompts wait in the queue
-    first, _ = collect(worker, "")
-    first.close()
-    second, got = collect(worker, "You enjoy having a good conversation.")
+    first = open_session(worker)
+    first.end("stopped", "bye")
+    second = open_session(worker, "You enjoy having a good conversation.")
     assert second.slot == first.slot
     gate.set()
-    assert second.ready.wait(10) and not second.closed.is_set()
+    wait_live(second)
     second.push(user_audio(1, seed=1)[0].numpy())
-    deadline = time.monotonic() + 5
-    while not got and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert got and got[0].index == 0
-    second.close()
+    out = second.next(5.0)
+    assert out is not None and out.index == 0 and out.from_model
+    second.end("stopped", "bye")
+
+
+def test_stopping_the_worker_ends_every_session(models):
+    worker = EngineWorker(Engine(models, num_slots=1))
+    session = open_session(worker)
+    worker.stop()
+    assert session.ending.reason == "shutdown" and worker.live_sessions == 0
