@@ -1,9 +1,12 @@
 """PersonaPlex Live: talk with PersonaPlex-7B in the browser (Gradio 5 + fastrtc WebRTC).
 
 UI only. The page is built at once; the model loads in the background (`personaplex.service`)
-and a status line says what is happening. The fastrtc handler turns 40 ms microphone chunks
-into 80 ms frames for the engine and the engine's frames back into audio, a live transcript
-and health figures. A second tab runs the same engine on a recording.
+and a status line says what is happening. A live call is a `personaplex.session.Session`, which
+owns the conversation's timeline; the fastrtc handler here only passes audio in and out and
+turns the session's state into captions and health figures for the page. Everything a call
+leaves belongs to the browser session that made it: a per-page token kept on the server
+(`gr.State`) is checked before captions or files are shown. A second tab runs the same engine
+on a recording.
 """
 
 from __future__ import annotations
@@ -15,43 +18,39 @@ import html
 import json
 import logging
 import os
-import tempfile
-import time
+import secrets
 import warnings
-from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import numpy as np
 import spaces
-from fastrtc import AdditionalOutputs, AsyncStreamHandler, CloseStream, WebRTC, wait_for_item
+from fastrtc import AdditionalOutputs, AsyncStreamHandler, WebRTC
+from fastrtc.utils import create_message, get_current_context
 
-from personaplex.audio import AudioError, FrameBuffer, float_to_int16, int16_to_float, read_audio
-from personaplex.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from personaplex.loading import CheckpointError
-from personaplex.persona import PromptError
-from personaplex.sampling import MAX_TOP_K, SamplingParams
-from personaplex.service import (
-    CUSTOM_VOICE_SECONDS,
-    MAX_ROLE_CHARS,
-    CallRecorder,
-    NotReady,
-    Service,
-    Settings,
-    State,
-)
-from personaplex.worker import Busy, FrameOut, Session
+from personaplex import inputs
+from personaplex.audio import AudioError, float_to_int16, int16_to_float, read_audio, wav_bytes
+from personaplex.config import FRAME_RATE, SAMPLE_RATE
+from personaplex.errors import SettingsError, UserError
+from personaplex.recording import FRAME_S, Transcript, clock_text
+from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams
+from personaplex.service import CUSTOM_VOICE_SECONDS, MAX_ROLE_CHARS, Service, Settings, State
+from personaplex.session import REALTIME, Limits, Phase, Session
 
 logger = logging.getLogger("personaplex.app")
 
 ASSETS = Path(__file__).parent / "assets"
 RELEASE_VOICES = [f"NAT{g}{i}" for g in "FM" for i in range(4)] + [f"VAR{g}{i}" for g in "FM" for i in range(5)]
 CUSTOM_VOICE = "Custom voice (uploaded)"
-OUTPUT_QUEUE = 6  # frames (480 ms): beyond that the oldest are dropped, latency never grows
-WATCHDOG_S = 3.0  # a client that sends no audio this long is gone: free its slot
-HEALTH_EVERY = 6  # frames between health updates when no new text arrives
-FRIENDLY_ERRORS = (Busy, NotReady, AudioError, CheckpointError, PromptError, ValueError)
-SILENCE = np.zeros(FRAME_SIZE, dtype=np.int16)
+HEALTH_EVERY = 6  # frames between page updates when no new words arrive (about 2 a second)
+ARGS_TIMEOUT_S = 3.0  # the page sends a call's settings within this time of connecting, or the call ends
+END_STREAM_DELAY_S = 0.3  # the last captions and files reach the page before the call is closed
+CLOSE_DELAY_S = 0.5  # then the browser closes its side; the server closes its own after this
+CAPTION_TURNS = 50  # turns shown live (the transcript file has them all)
+SAMPLING_NAMES = ("temp_text", "topk_text", "temp_audio", "topk_audio", "seed", "greedy")
+CALL_INPUT_NAMES = ("owner", "role", "voice", "custom_voice", "consent", *SAMPLING_NAMES)  # what a call reads from the page
 
 
 def load_personas() -> tuple[dict[str, dict], str]:
@@ -59,152 +58,251 @@ def load_personas() -> tuple[dict[str, dict], str]:
     return {p["name"]: p for p in raw["personas"]}, raw["default"]
 
 
-def sampling_from(values: list) -> SamplingParams:
-    temp_text, topk_text, temp_audio, topk_audio, seed, greedy = values
-    seed = int(seed) if seed is not None and int(seed) >= 0 else int.from_bytes(os.urandom(4), "little")
-    return SamplingParams(float(temp_text), int(topk_text), float(temp_audio), int(topk_audio), bool(greedy), seed)
+def new_owner() -> str:
+    """A page session's token: what it made can be fetched with it, and with nothing else."""
+    return secrets.token_urlsafe(24)
 
 
-def clock(seconds: float) -> str:
-    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
+def same_owner(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and bool(a) and secrets.compare_digest(a, b)
 
 
-class Recordings:
-    """The last calls' recordings, by WebRTC connection id (looked up, never used as a path)."""
+def voice_key(voice: Any, custom_voice: Any, consent: Any) -> str:
+    """The service's name for the chosen voice: a checkpoint voice, or this page's upload."""
+    voice = inputs.text("the voice", voice, empty_if_none=False)
+    if voice != CUSTOM_VOICE:
+        return voice
+    if not inputs.text("the custom voice", custom_voice) or not inputs.flag("the consent box", consent):
+        raise AudioError("upload a custom voice and tick the consent box, or pick a voice from the list")
+    return custom_voice
 
-    def __init__(self, keep: int = 32) -> None:
-        self.keep = keep
-        self._calls: OrderedDict[str, CallRecorder] = OrderedDict()
 
-    def put(self, key: str, call: CallRecorder) -> None:
-        self._calls[key] = call
-        while len(self._calls) > self.keep:
-            self._calls.popitem(last=False)
+def call_settings(values: dict[str, Any]) -> tuple[str, str, SamplingParams]:
+    """(voice, role, sampling) from the page's values, each checked (any JSON may arrive)."""
+    role = inputs.text("the role prompt", values["role"])
+    if len(role) > MAX_ROLE_CHARS:
+        raise SettingsError(f"the role prompt is {len(role)} characters; the limit is {MAX_ROLE_CHARS}")
+    voice = voice_key(values["voice"], values["custom_voice"], values["consent"])
+    return voice, role, inputs.sampling_settings(*(values[name] for name in SAMPLING_NAMES))
 
-    def get(self, key: str | None) -> CallRecorder | None:
-        return self._calls.get(key or "")
+
+def as_sent(component: gr.components.Component) -> gr.components.Component:
+    """Let the component's value reach the app as the client sent it (any JSON). The app checks
+    it (`personaplex.inputs`) and says on the page what is wrong; Gradio's own range check would
+    refuse the whole settings event instead, and the call would wait for settings that never
+    come. (An instance attribute, not a subclass: Gradio writes a .pyi file next to the module
+    of every Component subclass.)"""
+    component.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return component
+
+
+@dataclass(frozen=True)
+class CallUpdate:
+    """What the page shows of a call, for the page session `owner` only."""
+
+    owner: str | None
+    captions: str
+    health: str  # html
+    files: tuple[str, str] | None = None  # after the call: the recording and the transcript
+
+
+@dataclass
+class Calls:
+    """What every connection's handler shares."""
+
+    service: Service
+    limits: Limits
+    connections: WebRTC | None = None  # fastrtc's peer connections, to close one the app ends
 
 
 class ConversationHandler(AsyncStreamHandler):
-    """One WebRTC connection: mic frames to the engine, engine frames back, transcript out."""
+    """One WebRTC connection, an adapter: microphone -> `Session.push`; `Session.next_async` ->
+    speaker; the session's state -> captions and health for the page."""
 
-    def __init__(self, service: Service, recordings: Recordings) -> None:
+    def __init__(self, calls: Calls) -> None:
         super().__init__(expected_layout="mono", output_sample_rate=SAMPLE_RATE, input_sample_rate=SAMPLE_RATE)
-        self.service = service
-        self.recordings = recordings
-        self.buffer = FrameBuffer()
-        self.out_q: asyncio.Queue = asyncio.Queue()
-        self.session: Session | None = None
-        self.call: CallRecorder | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
-        self.problem: str | None = None
-        self.transcript = ""
-        self.dropped_out = 0
-        self.filled = 0  # dropped input frames already answered with silence
-        self.last_input = time.monotonic()
-        self.refused = False
+        self.calls = calls
+        self.session = Session(calls.limits)
+        self.owner: str | None = None
+        self.call_id: str | None = None
+        self.voice = ""
+        self.captions = Transcript()
+        self._since_update = 0
+        self._finished = False  # the ending was shown; the stream is closing
+        self._logged = False
 
     def copy(self) -> ConversationHandler:
-        return ConversationHandler(self.service, self.recordings)
+        return ConversationHandler(self.calls)
 
     async def start_up(self) -> None:
-        await self.wait_for_args()
-        self._loop = asyncio.get_running_loop()
-        webrtc_id, (role, voice, custom_key, consent, *sampling) = self.latest_args[1], self.latest_args[-10:]
+        self.call_id = current_connection()
         try:
-            voice = voice_key(voice, custom_key, consent)
-            self.call = CallRecorder(self.service.models.tokenizer if self.service.models else None)
-            self.session = await asyncio.to_thread(
-                self.service.open_conversation, voice, role or "", sampling_from(sampling), self._on_frame
-            )
-            self.recordings.put(str(webrtc_id), self.call)
-        except FRIENDLY_ERRORS as exc:
-            self.problem = str(exc)
-            logger.info("call refused: %s", exc)
-        self.last_input = time.monotonic()
+            await asyncio.wait_for(self.wait_for_args(), ARGS_TIMEOUT_S)
+        except TimeoutError:
+            self._refuse("the page did not send the call's settings (a setting was refused?): reload the page and try again")
+            return
+        try:
+            values = self._named_args()
+            self.owner = values["owner"] if isinstance(values["owner"], str) else None
+            voice, role, sampling = call_settings(values)
+            if self.owner:
+                self.session.record_to(self.calls.service.files.recording(self.owner, self.call_id))
+            await asyncio.to_thread(self.calls.service.start_call, self.session, voice, role, sampling)
+            self.voice = voice
+            logger.info("call %s: started with voice %s", self._tag, voice)
+        except UserError as exc:
+            self._refuse(str(exc))
+        except Exception as exc:  # the handler's boundary: a fault, said on the page and logged once
+            logger.exception("call %s: could not start", self._tag)
+            self.session.end("error", f"the call could not start: {exc}")
 
     async def receive(self, frame: tuple[int, np.ndarray]) -> None:
-        _, pcm = frame
-        self.last_input = time.monotonic()
-        for chunk in self.buffer.push(int16_to_float(pcm.reshape(-1))):
-            session = self.session
-            if session is not None and session.ready.is_set() and not session.closed.is_set():
-                session.push(chunk)
-            else:  # the prompt is still loading (or the call was refused): keep time with silence
-                self._queue((SAMPLE_RATE, SILENCE[None]))
-
-    def _on_frame(self, out: FrameOut) -> None:
-        """Called on the engine thread for every frame of this call."""
-        piece = self.call.add(out) if self.call is not None else ""
-        if self._loop is not None and not self._loop.is_closed():
-            self._loop.call_soon_threadsafe(self._deliver, out, piece)
-
-    def _deliver(self, out: FrameOut, piece: str) -> None:
-        self.transcript += piece
-        # Input frames the engine dropped (a burst, a slow tick) get silence: every 80 ms in
-        # still gives 80 ms out, and the browser's playback clock stays with the microphone's.
-        dropped = self.session.stats.dropped if self.session is not None else 0
-        for _ in range(dropped - self.filled):
-            self._queue((SAMPLE_RATE, SILENCE[None]))
-        self.filled = max(self.filled, dropped)
-        audio = (SAMPLE_RATE, float_to_int16(out.pcm)[None])
-        if piece or out.index % HEALTH_EVERY == 0:
-            self._queue((audio, AdditionalOutputs(self.transcript.strip(), self._health(out))))
-        else:
-            self._queue(audio)
-
-    def _queue(self, item: object) -> None:
-        while self.out_q.qsize() >= OUTPUT_QUEUE:
-            self.out_q.get_nowait()
-            self.dropped_out += 1
-        self.out_q.put_nowait(item)
-
-    def _health(self, out: FrameOut) -> str:
-        session = self.session
-        stats = session.stats if session else None
-        elapsed = out.index / FRAME_RATE
-        context_s = self.service.config.lm.context / FRAME_RATE
-        left = max(0.0, context_s - elapsed - (session.prompt_frames if session else 0) / FRAME_RATE)
-        rows = [
-            ("engine tick", f"{out.tick_ms:.1f} ms per 80 ms frame (real-time factor {out.tick_ms / 80:.2f})"),
-            ("dropped frames", f"{stats.dropped if stats else 0} of your audio, {self.dropped_out} of the model's, "
-                               f"{stats.late if stats else 0} ticks without your audio"),
-            ("call time", f"{clock(elapsed)} (the model remembers about {clock(context_s)})"),
-        ]
-        warning = ""
-        if left < 30:
-            warning = (
-                f"<p class='warn'>⚠ {clock(left)} left before the model's memory is full: the persona "
-                "will start to fade. Stop and start again to refresh it.</p>"
-            )
-        cells = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
-        return f"<table class='health'>{cells}</table>{warning}"
+        self.session.push(int16_to_float(frame[1].reshape(-1)))
 
     async def emit(self):
-        if self.problem is None and self.session is not None and self.session.error is not None:
-            self.problem = f"the call could not start: {self.session.error}"
-        if self.problem is not None:
-            if self.refused:  # the message is shown: end the call
-                return CloseStream(self.problem)
-            self.refused = True
-            return AdditionalOutputs("", f"<p class='warn'>⚠ {html.escape(self.problem, quote=False)}</p>")
-        if time.monotonic() - self.last_input > WATCHDOG_S:
-            await self.shutdown()
-            return CloseStream("no audio from the browser: the call was closed")
-        return await wait_for_item(self.out_q, 0.05)
+        if self._finished:
+            await asyncio.sleep(0.05)
+            return None
+        out = await self.session.next_async(0.05)
+        if out is not None:
+            self.captions.add(out.index * FRAME_S, out.text)
+            del self.captions.turns[:-CAPTION_TURNS]
+            audio = (SAMPLE_RATE, float_to_int16(out.pcm)[None])
+            self._since_update += 1
+            if (out.text or self._since_update >= HEALTH_EVERY) and self._channel_open():
+                self._since_update = 0
+                return audio, AdditionalOutputs(self._update())
+            return audio
+        if self.session.ending is not None:
+            return await self._finish()
+        return None
 
     async def shutdown(self) -> None:
-        if self.session is not None:
-            self.session.close()
+        """The connection closed (the user stopped, or the browser went away)."""
+        self.session.end("stopped", "the call was stopped")
+        await self._close_session()
+
+    # --- endings ---------------------------------------------------------------------------
+    def _refuse(self, reason: str) -> None:
+        if self.session.phase is not Phase.ENDED:  # (not if the browser hung up first)
+            logger.info("call %s: refused: %s", self._tag, reason)
+        self.session.end("refused", reason)
+
+    async def _finish(self) -> AdditionalOutputs | None:
+        """The session ended on its own (time limit, idle, refusal, error): show why and what
+        it left, then end the stream and close the connection."""
+        self._finished = True
+        await self._close_session()
+        ending = self.session.ending
+        assert ending is not None
+        loop = asyncio.get_running_loop()
+        loop.call_later(END_STREAM_DELAY_S, self._end_stream, ending.message)
+        return AdditionalOutputs(self._update(final=True)) if self._channel_open() else None
+
+    async def _close_session(self) -> None:
+        recording = self.session.recording
+        ending = await asyncio.to_thread(self.session.close)
+        if ending is not None and ending.reason != "refused" and not self._logged:  # a refusal was logged already
+            self._logged = True
+            seconds = recording.seconds if recording is not None else self.session.elapsed_s
+            logger.info("call %s: ended (%s) after %s; %s", self._tag, ending.reason, clock_text(seconds), self.session.stats)
+
+    def _channel_open(self) -> bool:
+        """Updates travel on the data channel: none once the browser has closed it."""
+        return self.channel is not None and self.channel.readyState == "open"
+
+    def _end_stream(self, message: str) -> None:
+        channel = self.channel
+        if channel is not None and self._channel_open():
+            channel.send(create_message("end_stream", message))  # the page stops the call and shows why
+        asyncio.get_running_loop().call_later(CLOSE_DELAY_S, lambda: asyncio.ensure_future(self._close_connection()))
+
+    async def _close_connection(self) -> None:
+        connections = self.calls.connections
+        pc = connections.pcs.get(self.call_id) if connections is not None and self.call_id else None
+        if pc is not None:
+            await pc.close()  # frees fastrtc's connection slot now, not after ICE gives up
+
+    # --- what the page shows ---------------------------------------------------------------
+    def _named_args(self) -> dict[str, Any]:
+        """The page's values, by name (fastrtc puts the stream's inputs last, in their order)."""
+        return dict(zip(CALL_INPUT_NAMES, self.latest_args[-len(CALL_INPUT_NAMES):], strict=True))
+
+    @property
+    def _tag(self) -> str:
+        return (self.call_id or "?")[:8]
+
+    def _update(self, final: bool = False) -> CallUpdate:
+        files = None
+        recording = self.session.recording
+        if final and recording is not None and recording.closed.is_set() and recording.model_frames:
+            files = (str(recording.wav_path), str(recording.transcript_path))
+        return CallUpdate(self.owner, self.captions.render(), call_health(self.calls, self.session), files)
 
 
-def build_ui(service: Service, time_limit: float | None, max_sessions: int) -> gr.Blocks:
+def current_connection() -> str | None:
+    """The id of the WebRTC connection whose task this is (fastrtc's context), if any."""
+    try:
+        return get_current_context().webrtc_id
+    except RuntimeError:  # not inside a connection's task
+        return None
+
+
+def call_health(calls: Calls, session: Session) -> str:
+    """The call's figures as an html table (and why it ended, once it has)."""
+    s, limits = session.stats, session.limits
+    worker = calls.service.worker
+    tick_ms = worker.last_tick_ms if worker is not None else 0.0
+    limit = f" of {clock_text(limits.time_limit_s)}" if limits.time_limit_s else ""
+    rows = [
+        ("state", {Phase.WAITING: "connecting", Phase.STARTING: "loading the persona", Phase.LIVE: "live",
+                   Phase.ENDED: "ended"}[session.phase]),
+        ("engine tick", f"{tick_ms:.1f} ms per 80 ms frame (real-time factor {tick_ms / 80:.2f})"),
+        ("dropped audio", f"{s.unheard + s.too_fast} frames of yours, {s.silent_out + s.dropped_out} of the model's"),
+        ("call time", f"{clock_text(session.elapsed_s)}{limit}"),
+    ]
+    cells = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
+    note, ending = "", session.ending.reason if session.ending is not None else ""
+    if session.ending is not None:
+        note = f"<p class='warn'>⚠ {html.escape(session.ending.message, quote=False)}</p>"
+    elif session.phase is Phase.LIVE:
+        context_s = calls.service.config.lm.context / FRAME_RATE
+        left = context_s - session.prompt_frames / FRAME_RATE - s.frames_in * FRAME_S
+        if left < 30:
+            note = (f"<p class='warn'>⚠ {clock_text(max(left, 0))} left before the model's memory is full: the persona "
+                    "will start to fade. Stop and start again to refresh it.</p>")
+    return f"<div data-ending='{ending}'><table class='health'>{cells}</table>{note}</div>"
+
+
+def show_update(owner: Any, update: Any):
+    """The page's view of a call update: only for the page session that made the call."""
+    keep = gr.update()
+    if not isinstance(update, CallUpdate) or not same_owner(owner, update.owner):
+        return keep, keep, keep, keep
+    if update.files is None:
+        return update.captions, update.health, keep, keep
+    wav, text = update.files
+    return update.captions, update.health, gr.update(value=wav, visible=True), gr.update(value=text, visible=True)
+
+
+def stopped_call_files(service: Service, webrtc_value: Any, owner: Any):
+    """After the user pressed stop: this page's recording of that call, once it is complete."""
+    call_id = getattr(webrtc_value, "webrtc_id", webrtc_value)
+    recording = service.files.find(owner if isinstance(owner, str) else None, call_id if isinstance(call_id, str) else None)
+    if recording is None or not recording.closed.wait(5.0) or not recording.model_frames:
+        hidden = gr.update(value=None, visible=False)
+        return hidden, hidden
+    return gr.update(value=str(recording.wav_path), visible=True), gr.update(value=str(recording.transcript_path), visible=True)
+
+
+def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
     personas, default = load_personas()
-    recordings = Recordings()
-    handler = ConversationHandler(service, recordings)
+    calls = Calls(service, limits)
     rtc, server_rtc = turn_configuration()
 
-    with gr.Blocks(title="PersonaPlex Live", css=CSS, theme=gr.themes.Soft()) as demo:
+    with gr.Blocks(title="PersonaPlex Live", css=CSS, theme=gr.themes.Soft(), delete_cache=(600, 3600)) as demo:
+        owner = gr.State(None)  # this page's token, made when the page loads; never sent to the browser
+        custom_voice = gr.State("")  # this page's uploaded voice (the service's key)
         gr.Markdown("# PersonaPlex Live\nFull-duplex speech with NVIDIA PersonaPlex-7B: talk, interrupt, and pick who it is and how it sounds.")
         status = gr.Markdown(status_markdown(service), elem_id="status")
         with gr.Row(equal_height=False):
@@ -223,14 +321,15 @@ def build_ui(service: Service, time_limit: float | None, max_sessions: int) -> g
                     consent = gr.Checkbox(False, label="I have the right to use this voice", elem_id="consent")
                     voice_file = gr.File(label="Voice clip", elem_id="voice_file", type="filepath")
                     voice_status = gr.Markdown("", elem_id="voice_status")
-                    custom_key = gr.Textbox("", visible=False)
                 with gr.Accordion("Sampling (advanced)", open=False):
-                    temp_text = gr.Slider(0.0, 1.5, 0.7, step=0.05, label="Text temperature")
-                    topk_text = gr.Slider(1, MAX_TOP_K["text"], 25, step=1, label="Text top-k")
-                    temp_audio = gr.Slider(0.0, 1.5, 0.8, step=0.05, label="Audio temperature")
-                    topk_audio = gr.Slider(1, MAX_TOP_K["audio"], 250, step=1, label="Audio top-k")
-                    seed = gr.Number(-1, precision=0, label="Seed (-1: random)")
-                    greedy = gr.Checkbox(False, label="Greedy decoding")
+                    defaults = SamplingParams()
+                    temp_text = as_sent(gr.Slider(0.0, 1.5, defaults.temp_text, step=0.05, label="Text temperature", elem_id="temp_text"))
+                    topk_text = as_sent(gr.Slider(1, MAX_TOP_K["text"], defaults.topk_text, step=1, label="Text top-k", elem_id="topk_text"))
+                    temp_audio = as_sent(gr.Slider(0.0, 1.5, defaults.temp_audio, step=0.05, label="Audio temperature", elem_id="temp_audio"))
+                    topk_audio = as_sent(gr.Slider(1, MAX_TOP_K["audio"], defaults.topk_audio, step=1, label="Audio top-k", elem_id="topk_audio"))
+                    seed = as_sent(gr.Number(inputs.RANDOM_SEED, precision=0, minimum=inputs.RANDOM_SEED, maximum=SEED_MAX,
+                                             label=f"Seed (-1: random; 0 to {SEED_MAX})", elem_id="seed"))
+                    greedy = gr.Checkbox(False, label="Greedy decoding", elem_id="greedy")
             with gr.Column(scale=3, min_width=360):
                 with gr.Tab("Live conversation"):
                     gr.Markdown("Press the microphone button and speak. Headphones avoid echo. The model hears you while it talks.")
@@ -250,18 +349,27 @@ def build_ui(service: Service, time_limit: float | None, max_sessions: int) -> g
                     offline_text = gr.Textbox(label="What the model says", lines=4, interactive=False, elem_id="offline_text")
                     offline_files = gr.File(label="Downloads", file_count="multiple", elem_id="offline_files")
 
-        sampling = [temp_text, topk_text, temp_audio, topk_audio, seed, greedy]
-        persona.change(lambda name, current: pick_persona(service, personas[name], current),
+        call_inputs = {"owner": owner, "role": role, "voice": voice, "custom_voice": custom_voice, "consent": consent,
+                       "temp_text": temp_text, "topk_text": topk_text, "temp_audio": temp_audio, "topk_audio": topk_audio,
+                       "seed": seed, "greedy": greedy}
+        assert tuple(call_inputs) == CALL_INPUT_NAMES
+        calls.connections = webrtc
+        demo.load(new_owner, outputs=owner, show_api=False)
+        persona.change(lambda name, current: pick_persona(service, personas.get(name), current),
                        inputs=[persona, voice], outputs=[role, voice])
         role.change(role_counter, inputs=role, outputs=role_count, show_progress="hidden")
-        voice_file.upload(lambda path, ok, key: add_voice(service, path, ok, key), inputs=[voice_file, consent, custom_key],
-                          outputs=[voice_status, custom_key, voice])
-        webrtc.stream(handler, inputs=[webrtc, role, voice, custom_key, consent, *sampling], outputs=[webrtc],
-                      time_limit=time_limit, concurrency_limit=max_sessions + 4)
-        webrtc.on_additional_outputs(lambda text, html: (text, html), outputs=[transcript, health], queue=True,
-                                     concurrency_limit=None, show_progress="hidden")
-        webrtc.stop_recording(lambda key: show_call_files(recordings.get(key)), inputs=[webrtc], outputs=[recording, transcript_file])
-        offline_run.click(functools.partial(run_offline, service), inputs=[offline_in, role, voice, custom_key, consent, *sampling],
+        voice_file.upload(functools.partial(add_voice, service), inputs=[voice_file, consent, custom_voice],
+                          outputs=[voice_status, custom_voice, voice])
+        webrtc.stream(ConversationHandler(calls), inputs=[webrtc, *call_inputs.values()], outputs=[webrtc],
+                      concurrency_limit=max_sessions + 4)
+        webrtc.on_additional_outputs(show_update, inputs=[owner], outputs=[transcript, health, recording, transcript_file],
+                                     queue=True, concurrency_limit=None, show_progress="hidden")
+        webrtc.start_recording(lambda: (gr.update(visible=False), gr.update(visible=False)),
+                               outputs=[recording, transcript_file], show_api=False)
+        webrtc.stop_recording(functools.partial(stopped_call_files, service), inputs=[webrtc, owner],
+                              outputs=[recording, transcript_file], show_api=False)
+        offline_run.click(functools.partial(run_offline, service),
+                          inputs=[offline_in, role, voice, custom_voice, consent, temp_text, topk_text, temp_audio, topk_audio, seed, greedy],
                           outputs=[offline_agent, offline_mix, offline_text, offline_files])
         timer = gr.Timer(1.0)
         timer.tick(lambda current: poll_status(service, current), inputs=[voice], outputs=[status, voice, timer])
@@ -291,75 +399,57 @@ def role_counter(text: str | None) -> str:
     return f"<small>{n} / {MAX_ROLE_CHARS} characters</small>"
 
 
-def pick_persona(service: Service, persona: dict, current: str):
+def pick_persona(service: Service, persona: dict | None, current: str):
     """The persona's role text, and its voice when the checkpoint has it."""
+    if persona is None:  # not one of the presets (an API client): change nothing
+        return gr.update(), gr.update()
     wanted = persona.get("voice")
     available = service.voice_names() or RELEASE_VOICES
     return persona["prompt"], gr.update(value=wanted if wanted in available else current)
 
 
-def add_voice(service: Service, path: str | None, consent: bool, key: str):
-    if not path:
+def add_voice(service: Service, path: Any, consent: Any, key: Any):
+    """An uploaded voice clip: checked, encoded, and kept as this page's custom voice."""
+    key = key if isinstance(key, str) else ""
+    if not path or not isinstance(path, str):
         return "", key, gr.update()
-    if not consent:
-        return "⚠ Tick the consent box first, then upload the clip again.", key, gr.update()
     try:
+        if not inputs.flag("the consent box", consent):
+            return "⚠ Tick the consent box first, then upload the clip again.", key, gr.update()
         new_key, seconds = service.add_custom_voice(path)
-    except FRIENDLY_ERRORS as exc:
+    except UserError as exc:
         keep = " The previous custom voice is kept." if key else ""
         return f"⚠ {html.escape(str(exc), quote=False)}.{keep}", key, gr.update()
     return f"✅ Custom voice ready ({seconds:.1f} s). It is selected in the voice list.", new_key, gr.update(value=CUSTOM_VOICE)
 
 
-def voice_key(voice: str, custom_key: str, consent: bool) -> str:
-    """The service's name for the chosen voice: a checkpoint voice, or the uploaded one."""
-    if voice != CUSTOM_VOICE:
-        return voice
-    if not custom_key or not consent:
-        raise AudioError("upload a custom voice and tick the consent box, or pick a voice from the list")
-    return custom_key
-
-
-def save_files(prefix: str, contents: dict[str, bytes]) -> list[str]:
-    """Write downloads into a fresh folder of the temp dir (where Gradio serves files from)."""
-    folder = Path(tempfile.mkdtemp(prefix=prefix))
+def offline_files(service: Service, user: np.ndarray, agent: np.ndarray, transcript: str) -> list[str]:
+    """The offline run's downloads, in a folder of the service's file store (deleted after a while)."""
+    folder = service.files.folder()
+    contents = {"model.wav": wav_bytes(agent), "both.wav": wav_bytes(np.stack([user, agent], axis=1)),
+                "transcript.txt": (transcript or "(the model said nothing)\n").encode()}
     for name, data in contents.items():
         (folder / name).write_bytes(data)
     return [str(folder / name) for name in contents]
 
 
-def call_files(call: CallRecorder | None) -> tuple[str | None, str | None]:
-    """The finished call as a stereo wav and a text file (None, None when nothing was said)."""
-    if call is None or not call.agent:
-        return None, None
-    wav, text = save_files("personaplex-call-", {"call.wav": call.stereo_wav(), "transcript.txt": transcript_bytes(call)})
-    return wav, text
-
-
-def transcript_bytes(call: CallRecorder) -> bytes:
-    return (call.transcript + "\n").encode()
-
-
-def show_call_files(call: CallRecorder | None):
-    wav, text = call_files(call)
-    return gr.update(value=wav, visible=wav is not None), gr.update(value=text, visible=text is not None)
-
-
 @spaces.GPU(duration=120)
-def run_offline(service: Service, path, role, voice, custom_key, consent, *sampling, progress=gr.Progress()):  # noqa: B008 (Gradio reads it from the signature)
-    if not path:
+def run_offline(service: Service, path, role, voice, custom_voice, consent, *sampling, progress=gr.Progress()):  # noqa: B008 (Gradio reads it from the signature)
+    if not path or not isinstance(path, str):
         raise gr.Error("Upload or record the user's side first.")
     try:
-        voice = voice_key(voice, custom_key, consent)
+        voice, role, params = call_settings({"role": role, "voice": voice, "custom_voice": custom_voice, "consent": consent,
+                                             **dict(zip(SAMPLING_NAMES, sampling, strict=True))})
         pcm = read_audio(path, max_seconds=600)
-        call = service.run_offline(voice, role or "", sampling_from(list(sampling)), pcm,
-                                   lambda done, total: progress(done / total, desc="generating"))
-    except FRIENDLY_ERRORS as exc:
+        result = service.run_offline(voice, role, params, pcm, lambda done, total: progress(done / total, desc="generating"))
+    except UserError as exc:
         raise gr.Error(str(exc)) from exc
-    files = save_files("personaplex-offline-", {
-        "model.wav": call.agent_wav(), "both.wav": call.stereo_wav(), "transcript.txt": transcript_bytes(call),
-    })
-    return files[0], files[1], call.transcript, files
+    except Exception as exc:  # a fault: logged with its traceback, said in one line on the page
+        logger.exception("offline run failed")
+        raise gr.Error(f"the engine failed: {exc}") from exc
+    text = result.transcript.render()
+    files = offline_files(service, result.user, result.agent, text)
+    return files[0], files[1], text, files
 
 
 def turn_configuration():
@@ -406,6 +496,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-sessions", type=int, default=int(env("MAX_SESSIONS", "0")) or None,
                    help="concurrent conversations (default: what fits the device's memory)")
     p.add_argument("--time-limit", type=float, default=float(env("TIME_LIMIT", "300")), help="seconds per call (0: none)")
+    p.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", str(REALTIME.idle_timeout_s))),
+                   help="seconds without audio from the browser before a call is closed")
     return p.parse_args(argv)
 
 
@@ -414,10 +506,12 @@ def main(argv: list[str] | None = None) -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)
     logging.getLogger("aioice").setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message="The '(theme|css)' parameter in the Blocks constructor")
+    warnings.filterwarnings("ignore", message="The 'show_api' parameter in event listeners")  # Gradio 6 renames it
     args = parse_args(argv)
     service = Service(Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions))
     service.start()
-    demo = build_ui(service, args.time_limit or None, args.max_sessions or 64)
+    limits = Limits(time_limit_s=args.time_limit or None, idle_timeout_s=args.idle_timeout)
+    demo = build_ui(service, limits, args.max_sessions or 64)
     demo.queue(default_concurrency_limit=8).launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size="100mb"
     )

@@ -3,10 +3,14 @@
     python examples/webrtc_client.py --url http://127.0.0.1:7860 --input examples/user_question.wav \
         --output reply.wav [--voice NATF2] [--role "You enjoy having a good conversation."]
 
-It reads the page's /config, sends an SDP offer through Gradio's component server, answers the
-app's "send_input" request with the persona settings, streams the wav as the microphone (20 ms
-Opus frames, in real time, then silence), records what comes back, and follows the transcript
-through Gradio's event stream. Needs aiortc and httpx (both come with fastrtc).
+It reads the page's /config, runs the page's load event (as a browser does when it opens the
+page: the app gives this page session its token there), sends an SDP offer through Gradio's
+component server, answers the app's "send_input" request with the persona settings, streams the
+wav as the microphone (20 ms Opus frames, in real time, then silence), records what comes back,
+and follows the captions, health and, after the call, the recording's link through Gradio's
+event stream. The call ends after `--seconds` or when the app ends it (time limit, refusal...):
+a refused call exits with status 2 and the app's message. Needs aiortc and httpx (both come with
+fastrtc).
 """
 
 from __future__ import annotations
@@ -30,19 +34,23 @@ PTIME = 960  # 20 ms at 48 kHz
 
 
 class FileTrack(MediaStreamTrack):
-    """Plays float32 mono pcm at 48 kHz in real time, then silence."""
+    """Plays float32 mono pcm at 48 kHz in real time, then silence; with `freeze_after_s`, it
+    stops sending then without hanging up (a browser that froze or lost its network)."""
 
     kind = "audio"
 
-    def __init__(self, pcm: np.ndarray) -> None:
+    def __init__(self, pcm: np.ndarray, freeze_after_s: float | None = None) -> None:
         super().__init__()
         self.pcm = np.clip(pcm, -1, 1)
         self.sent = 0
         self.start: float | None = None
+        self.freeze_after = None if freeze_after_s is None else int(freeze_after_s * RATE)
 
     async def recv(self) -> AudioFrame:
         if self.start is None:
             self.start = time.monotonic()
+        if self.freeze_after is not None and self.sent >= self.freeze_after:
+            await asyncio.Event().wait()  # never again
         due = self.start + self.sent / RATE
         await asyncio.sleep(max(0.0, due - time.monotonic()))
         chunk = self.pcm[self.sent : self.sent + PTIME]
@@ -58,20 +66,59 @@ class CallResult:
     audio: np.ndarray  # float32 mono at 48 kHz, as played by the remote track
     transcript: str = ""
     health: str = ""
+    recording_url: str | None = None  # the call's stereo recording, offered once it ended
+    transcript_url: str | None = None
+    ended: str | None = None  # the app's message when it ended the call itself
+    webrtc_id: str = ""
     events: list[dict] = field(default_factory=list)  # data-channel messages
     output_updates: int = 0  # transcript/health updates seen through Gradio
+
+    @property
+    def refused(self) -> bool:
+        return "data-ending='refused'" in self.health
     connected_after_s: float | None = None
+    closed_by_app_after_s: float | None = None  # when the app closed the connection, if it did
     first_frame_after_s: float | None = None  # the first frame of the remote track
     first_audio_after_s: float | None = None  # the first frame that is not silence
 
 
-def _apply(value: str, diff: object) -> str:
-    """Apply a Gradio streaming output: a full value or a list of ["replace"|"append", path, text]."""
-    if isinstance(diff, str) or diff is None:
-        return diff or ""
-    for op, _path, text in diff:  # type: ignore[misc]
-        value = text if op == "replace" else value + text
-    return value
+def _patch(state: object, diff: object) -> object:
+    """Apply one Gradio streaming output to the last one: a full value, or a list of diff
+    operations ["replace"|"add"|"append"|"delete", path, value] on it."""
+    if not isinstance(diff, list) or not all(isinstance(d, list) and len(d) == 3 for d in diff):
+        return diff
+    for op, path, item in diff:
+        if not path:
+            state = state + item if op == "append" else (None if op == "delete" else item)
+            continue
+        target = state
+        for key in path[:-1]:
+            target = target[key]  # type: ignore[index]
+        if op == "append":
+            target[path[-1]] += item  # type: ignore[index]
+        elif op == "delete":
+            del target[path[-1]]  # type: ignore[union-attr]
+        else:
+            target[path[-1]] = item  # type: ignore[index]
+    return state
+
+
+def _value(state: object, previous: object) -> object:
+    """What a component shows: an update without a value leaves it as it was."""
+    if isinstance(state, dict) and state.get("__type__") == "update":
+        return state.get("value", previous)
+    return state
+
+
+def _file_url(url: str, value: object) -> str | None:
+    """The download link of a file output (a FileData dict, possibly inside an update)."""
+    if isinstance(value, dict) and "value" in value:
+        value = value["value"]
+    if isinstance(value, dict) and value.get("url"):
+        return value["url"]
+    if isinstance(value, dict) and value.get("path"):
+        return f"{url}/gradio_api/file={value['path']}"
+    return None
 
 
 class Page:
@@ -84,6 +131,8 @@ class Page:
         deps = config["dependencies"]
         self.tick = next(d for d in deps if [self.webrtc, "tick"] in d["targets"])
         self.state_change = next(d for d in deps if [self.webrtc, "state_change"] in d["targets"])
+        self.load = [d for d in deps if any(target[1] == "load" for target in d["targets"])]
+        self.stop = next((d for d in deps if [self.webrtc, "stop_recording"] in d["targets"]), None)
         self.values = {c["id"]: c.get("props", {}).get("value") for c in components}
 
     def inputs(self, dep: dict, webrtc_id: str, overrides: dict[str, object]) -> list:
@@ -98,7 +147,9 @@ class Page:
 
 
 async def _follow_outputs(client: httpx.AsyncClient, url: str, session: str, result: CallResult, stop: asyncio.Event) -> None:
-    """Read Gradio's event stream for this session and keep the latest transcript and health."""
+    """Read Gradio's event stream for this session and keep the latest outputs (captions, health,
+    and after the call the recording and the transcript)."""
+    states: list[object] = [None] * 4
     while not stop.is_set():
         try:
             async with client.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=None) as r:
@@ -107,9 +158,12 @@ async def _follow_outputs(client: httpx.AsyncClient, url: str, session: str, res
                         continue
                     msg = json.loads(line[5:])
                     if msg.get("msg") in ("process_generating", "process_completed") and msg.get("output", {}).get("data"):
-                        text, html = (msg["output"]["data"] + [None, None])[:2]
-                        result.transcript = _apply(result.transcript, text)
-                        result.health = _apply(result.health, html)
+                        data = [*msg["output"]["data"], None, None, None, None][:4]
+                        states[:] = [_patch(old, new) for old, new in zip(states, data)]
+                        result.transcript = str(_value(states[0], result.transcript) or "")
+                        result.health = str(_value(states[1], result.health) or "")
+                        result.recording_url = _file_url(url, states[2]) or result.recording_url
+                        result.transcript_url = _file_url(url, states[3]) or result.transcript_url
                         result.output_updates += 1
                     if stop.is_set():
                         return
@@ -118,21 +172,29 @@ async def _follow_outputs(client: httpx.AsyncClient, url: str, session: str, res
         await asyncio.sleep(0.2)
 
 
-async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings: dict[str, object] | None = None) -> CallResult:
+async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings: dict[str, object] | None = None,
+                   answer_settings: bool = True, freeze_after_s: float | None = None) -> CallResult:
     """Hold a call of `seconds`, sending `user_pcm_48k` as the microphone. `settings` overrides
-    input values by elem_id (persona, role, voice, consent, ...)."""
+    input values by elem_id (persona, role, voice, consent, ...). For tests of broken clients:
+    `answer_settings=False` never answers the app's request for the settings, `freeze_after_s`
+    stops sending audio then without hanging up; such a client also ignores the app's end of
+    the call and waits for the app to close the connection."""
+    broken = not answer_settings or freeze_after_s is not None
     url = url.rstrip("/")
     settings = settings or {}
     session, webrtc_id = secrets.token_hex(6), secrets.token_hex(8)
-    result = CallResult(audio=np.zeros(0, dtype=np.float32))
+    result = CallResult(audio=np.zeros(0, dtype=np.float32), webrtc_id=webrtc_id)
     received: list[np.ndarray] = []
     stop = asyncio.Event()
     started = time.monotonic()
+    ended = asyncio.Event()
     async with httpx.AsyncClient(timeout=30) as client:
         page = Page((await client.get(f"{url}/config")).json())
+        await _load_page(client, url, page, session)
         pc = RTCPeerConnection()
         channel = pc.createDataChannel("text")
-        pc.addTrack(FileTrack(user_pcm_48k))
+        pc.addTrack(FileTrack(user_pcm_48k, freeze_after_s))
+        hanging_up = False
         tasks: list[asyncio.Task] = []
 
         async def join(dep: dict) -> None:
@@ -144,8 +206,12 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
         def on_message(message: str) -> None:
             event = json.loads(message)
             result.events.append(event)
-            if event.get("type") == "send_input":
+            if event.get("type") == "send_input" and answer_settings:
                 tasks.append(asyncio.ensure_future(join(page.tick)))
+            elif event.get("type") == "end_stream":
+                result.ended = str(event.get("data"))
+                if not broken:
+                    ended.set()
             elif event.get("type") == "fetch_output" and not any(e.get("type") == "fetch_output" for e in result.events[:-1]):
                 async def outputs() -> None:
                     await join(page.state_change)
@@ -156,6 +222,9 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
         def on_state() -> None:
             if pc.connectionState == "connected" and result.connected_after_s is None:
                 result.connected_after_s = time.monotonic() - started
+            if pc.connectionState in ("closed", "failed") and not hanging_up and result.closed_by_app_after_s is None:
+                result.closed_by_app_after_s = time.monotonic() - started
+                ended.set()
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
@@ -181,13 +250,61 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
             await pc.close()
             raise RuntimeError(f"the app refused the call: {answer}")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
-        await asyncio.sleep(max(0.0, started + seconds - time.monotonic()))
+        try:
+            await asyncio.wait_for(ended.wait(), max(0.0, started + seconds - time.monotonic()))
+            await asyncio.sleep(0.5)  # the last captions and the recording's link are on their way
+        except TimeoutError:
+            pass
         stop.set()
+        hanging_up = True
         await pc.close()
         for task in tasks:
             task.cancel()
+        if result.ended is None and page.stop is not None:  # we hung up: ask for the files, as the page's stop button does
+            await _stopped_call_files(client, url, page, session, webrtc_id, result)
     result.audio = np.concatenate(received) if received else result.audio
     return result
+
+
+async def _load_page(client: httpx.AsyncClient, url: str, page: Page, session: str) -> None:
+    """Run the page's load events for this session, as a browser does, and wait for them."""
+    for dep in page.load:
+        body = {"data": [], "fn_index": dep["id"], "session_hash": session, "trigger_id": None, "event_data": None}
+        (await client.post(f"{url}/gradio_api/queue/join", json=body)).raise_for_status()
+    if not page.load:
+        return
+    async with client.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=10) as r:
+        done = 0
+        async for line in r.aiter_lines():
+            if line.startswith("data:") and json.loads(line[5:]).get("msg") == "process_completed":
+                done += 1
+                if done == len(page.load):
+                    return
+
+
+async def _stopped_call_files(client: httpx.AsyncClient, url: str, page: Page, session: str, webrtc_id: str,
+                              result: CallResult) -> None:
+    assert page.stop is not None
+    body = {"data": page.inputs(page.stop, webrtc_id, {}), "fn_index": page.stop["id"], "session_hash": session,
+            "trigger_id": page.webrtc, "event_data": None}
+    (await client.post(f"{url}/gradio_api/queue/join", json=body)).raise_for_status()
+    async with client.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=15) as r:
+        async for line in r.aiter_lines():
+            if not line.startswith("data:"):
+                continue
+            msg = json.loads(line[5:])
+            if msg.get("msg") == "process_completed":
+                recording, transcript = [*msg.get("output", {}).get("data", []), None, None][:2]
+                result.recording_url = _file_url(url, recording)
+                result.transcript_url = _file_url(url, transcript)
+                return
+
+
+async def fetch(url: str) -> bytes:
+    async with httpx.AsyncClient(timeout=30) as client:
+        response = await client.get(url)
+        response.raise_for_status()
+        return response.content
 
 
 def load_48k(path: str) -> np.ndarray:
@@ -225,12 +342,16 @@ def main() -> None:
     pcm = load_48k(args.input)
     settings = {k: v for k, v in (("voice", args.voice), ("role", args.role), ("persona", args.persona)) if v is not None}
     result = asyncio.run(converse(args.url, pcm, args.seconds or pcm.size / RATE + 3, settings))
-    save_wav(args.output, result.audio)
-    summary = {"connected_after_s": result.connected_after_s, "first_audio_after_s": result.first_audio_after_s,
-               "received_s": round(result.audio.size / RATE, 2), "transcript": result.transcript}
-    Path(args.output).with_suffix(".json").write_text(json.dumps(summary, indent=2))
     import sys
 
+    if result.refused:
+        sys.stderr.write(f"the app refused the call: {result.ended}\n")
+        sys.exit(2)
+    save_wav(args.output, result.audio)
+    summary = {"connected_after_s": result.connected_after_s, "first_audio_after_s": result.first_audio_after_s,
+               "received_s": round(result.audio.size / RATE, 2), "transcript": result.transcript,
+               "ended_by_app": result.ended, "recording": result.recording_url}
+    Path(args.output).with_suffix(".json").write_text(json.dumps(summary, indent=2))
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")
 
 

@@ -1,24 +1,29 @@
-"""The fastrtc handler of app.py on the tiny checkpoint: framing, silence while the prompt
-loads, bounded queues, refusals with messages, slots freed on shutdown and by the watchdog."""
+"""The fastrtc handler of app.py on the tiny checkpoint, without a browser: audio in and out,
+every ending said on the page with the slot and the connection freed, the call's files offered
+to its own page only, and every input from the page checked."""
 
 from __future__ import annotations
 
 import asyncio
 import re
-import threading
 import wave
 from pathlib import Path
 
 import numpy as np
 import pytest
-from fastrtc import AdditionalOutputs, CloseStream
+from fastrtc import AdditionalOutputs
+from fastrtc.utils import Context, current_context
 
 import app
 from personaplex.config import SAMPLE_RATE
+from personaplex.session import REALTIME, Limits
 
-from .helpers import start_tiny_service
+from .helpers import ROOT, start_tiny_service
 
 CHUNK = 960  # what fastrtc hands `receive` at 24 kHz: 40 ms
+OWNER = "page-token-1"
+GOOD = {"owner": OWNER, "role": "You enjoy having a good conversation.", "voice": "TESTV0", "custom_voice": "",
+        "consent": False, "temp_text": 0.7, "topk_text": 25, "temp_audio": 0.8, "topk_audio": 250, "seed": 1, "greedy": True}
 
 
 @pytest.fixture(scope="module")
@@ -28,10 +33,38 @@ def service():
     svc.worker.stop()
 
 
-def make_handler(service, role="You enjoy having a good conversation.", voice="TESTV0", key="call-1"):
-    handler = app.ConversationHandler(service, app.Recordings())
-    handler.phone_mode = True  # `wait_for_args` returns at once; the inputs are set as Gradio sets them
-    handler.latest_args = ["__webrtc_value__", key, role, voice, "", False, 0.7, 25, 0.8, 250, 1, True]
+class FakeChannel:
+    """The data channel: the handler sends the end of the stream on it."""
+
+    readyState = "open"
+
+    def __init__(self) -> None:
+        self.sent: list[str] = []
+
+    def send(self, message: str) -> None:
+        self.sent.append(message)
+
+
+class FakeConnection:
+    closed = False
+
+    async def close(self) -> None:
+        self.closed = True
+
+
+class FakeConnections:
+    def __init__(self) -> None:
+        self.pcs: dict[str, FakeConnection] = {}
+
+
+def make_handler(service, limits: Limits = REALTIME, call_id="call-1", **values):
+    connections = FakeConnections()
+    connections.pcs[call_id] = FakeConnection()
+    handler = app.ConversationHandler(app.Calls(service, limits, connections))  # type: ignore[arg-type]
+    handler.phone_mode = True  # `wait_for_args` returns at once; the inputs are set as fastrtc sets them
+    handler.latest_args = ["__webrtc_value__", call_id, *({**GOOD, **values}[name] for name in app.CALL_INPUT_NAMES)]
+    handler.set_channel(FakeChannel())
+    current_context.set(Context(webrtc_id=call_id))
     return handler
 
 
@@ -42,154 +75,159 @@ def mic_chunks(n: int, seed: int = 0):
     return [(SAMPLE_RATE, pcm[i * CHUNK : (i + 1) * CHUNK].astype(np.int16)[None]) for i in range(n)]
 
 
-def audio_of(item):
-    """(rate, int16 [1, N]) of an emitted item, or None when it carries no audio."""
+def split(item):
+    """(audio or None, CallUpdate or None) of an emitted item."""
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[1], AdditionalOutputs):
-        item = item[0]
-    return item if isinstance(item, tuple) and isinstance(item[1], np.ndarray) else None
+        return item[0], item[1].args[0]
+    if isinstance(item, AdditionalOutputs):
+        return None, item.args[0]
+    return (item if isinstance(item, tuple) else None), None
 
 
-async def next_audio(handler, timeout=5.0):
+async def talk(handler, chunks, realtime=True):
+    """Push chunks (in real time), collecting what comes out meanwhile."""
+    audio, updates = [], []
+    for chunk in chunks:
+        await handler.receive(chunk)
+        deadline = asyncio.get_running_loop().time() + (0.04 if realtime else 0)
+        while True:
+            a, u = split(await handler.emit())
+            audio += [a] if a is not None else []
+            updates += [u] if u is not None else []
+            if asyncio.get_running_loop().time() >= deadline:
+                break
+    return audio, updates
+
+
+async def until_ended(handler, timeout=10.0):
+    """Emit until the handler shows the call's end; return the final update."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout
     while loop.time() < deadline:
-        item = await handler.emit()
-        if audio_of(item) is not None:
-            return item
-    raise AssertionError("no audio frame came out")
+        _, update = split(await handler.emit())
+        if update is not None and "data-ending='" in update.health and "data-ending=''" not in update.health:
+            return update
+    raise AssertionError("the call did not end")
 
 
 def test_every_80_ms_in_gives_80_ms_out_with_silence_while_the_prompt_loads(service):
     async def scenario():
         handler = make_handler(service)
-        gate = threading.Event()
+        gate = __import__("threading").Event()
         service.worker.call(gate.wait)  # hold the engine: the prompt cannot run yet
         await handler.start_up()
-        chunks = mic_chunks(24)
-        for chunk in chunks[:4]:
-            await handler.receive(chunk)
-        early = [audio_of(await next_audio(handler)) for _ in range(2)]
-        assert all(rate == SAMPLE_RATE and pcm.shape == (1, 1920) and not pcm.any() for rate, pcm in early)
+        early, _ = await talk(handler, mic_chunks(4))
         gate.set()
-        assert await asyncio.to_thread(handler.session.ready.wait, 10)
-        outputs, texts = [], []
-        for i in range(4, 24, 2):
-            await handler.receive(chunks[i])
-            await handler.receive(chunks[i + 1])
-            item = await next_audio(handler)
-            outputs.append(audio_of(item))
-            if isinstance(item[1], AdditionalOutputs):
-                texts.append(item[1].args[0])
-        assert len(outputs) == 10 and all(rate == SAMPLE_RATE and pcm.shape == (1, 1920) for rate, pcm in outputs)
-        assert any(pcm.any() for _, pcm in outputs)
-        assert texts and texts[-1]  # the (random) tiny model always says something
+        while handler.session.phase.value != "live":
+            await asyncio.sleep(0.01)
+        audio, updates = await talk(handler, mic_chunks(40, seed=1))
+        for _ in range(10):  # what the last chunks still have in flight
+            a, _u = split(await handler.emit())
+            audio += [a] if a is not None else []
         await handler.shutdown()
-        return handler
+        return handler, early, audio, updates
 
-    handler = asyncio.run(scenario())
-    call = handler.recordings.get("call-1")
-    assert call is not None and len(call.agent) == 10
-    wav_path, _text_path = app.call_files(call)
-    with wave.open(wav_path) as w:
-        assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (2, SAMPLE_RATE, 10 * 1920)
+    handler, early, audio, updates = asyncio.run(scenario())
+    assert len(early) == 2 and all(rate == SAMPLE_RATE and not pcm.any() for rate, pcm in early)  # silence, in time
+    assert len(audio) == 20 and all(rate == SAMPLE_RATE and pcm.shape == (1, 1920) for rate, pcm in audio)
+    assert sum(pcm.any() for _, pcm in audio) >= 18
+    assert updates and all(u.owner == OWNER for u in updates) and updates[-1].captions  # the tiny model always talks
+    assert service.worker.live_sessions == 0
+    recording = handler.session.recording
+    with wave.open(str(recording.wav_path)) as w:
+        assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (2, SAMPLE_RATE, 22 * 1920)
+    files = app.stopped_call_files(service, "call-1", OWNER)
+    assert [Path(f["value"]).name for f in files] == ["call.wav", "transcript.txt"]
+    for someone_else in ("page-token-2", None, ""):  # another page asking for the same call gets nothing
+        assert all(f["visible"] is False for f in app.stopped_call_files(service, "call-1", someone_else))
 
 
-def test_output_queue_is_bounded_and_counts_what_it_drops(service):
+@pytest.mark.parametrize("ending", ["time limit", "idle"])
+def test_the_app_ends_a_call_says_why_frees_everything_and_offers_its_files(service, ending):
+    limits = Limits(time_limit_s=1.5) if ending == "time limit" else Limits(idle_timeout_s=0.5)
+
     async def scenario():
-        handler = make_handler(service)
+        handler = make_handler(service, limits)
         await handler.start_up()
-        assert await asyncio.to_thread(handler.session.ready.wait, 10)
-        for chunk in mic_chunks(40):
-            await handler.receive(chunk)
-            await asyncio.sleep(0.04)  # real time, and nobody calls emit()
-        await asyncio.sleep(0.3)
-        assert handler.out_q.qsize() <= app.OUTPUT_QUEUE and handler.dropped_out > 0
-        await handler.shutdown()
+        await talk(handler, mic_chunks(20 if ending == "time limit" else 10))
+        final = await until_ended(handler)
+        await asyncio.sleep(app.END_STREAM_DELAY_S + app.CLOSE_DELAY_S + 0.3)
+        return handler, final
 
-    asyncio.run(scenario())
-
-
-def test_shutdown_frees_the_slot(service):
-    async def scenario():
-        handler = make_handler(service)
-        await handler.start_up()
-        assert service.worker.live_sessions == 1
-        await handler.shutdown()
-        assert service.worker.live_sessions == 0
-
-    asyncio.run(scenario())
+    handler, final = asyncio.run(scenario())
+    message = "time limit of 1 s" if ending == "time limit" else "no audio from your browser for 0.5 s"
+    assert message in final.health and final.files is not None and all(Path(f).exists() for f in final.files)
+    assert any('"end_stream"' in m and message in m for m in handler.channel.sent)  # the page stops the call and says why
+    assert handler.calls.connections.pcs["call-1"].closed and service.worker.live_sessions == 0
 
 
 @pytest.mark.parametrize(
-    "role,voice,message",
+    "values,message",
     [
-        ("x" * 1200, "TESTV0", "the role prompt is 1200 characters; the limit is 1000"),
-        ("", "NATF9", "unknown voice 'NATF9'"),
-        ("", app.CUSTOM_VOICE, "upload a custom voice and tick the consent box"),
+        ({"role": "x" * 1200}, "the role prompt is 1200 characters; the limit is 1000"),
+        ({"voice": "NATF9"}, "unknown voice 'NATF9'"),
+        ({"voice": app.CUSTOM_VOICE}, "upload a custom voice and tick the consent box"),
+        ({"voice": app.CUSTOM_VOICE, "custom_voice": "custom:x", "consent": "false"}, "upload a custom voice and tick"),
+        ({"voice": None}, "the voice must be text, got nothing"),
+        ({"voice": 123}, "the voice must be text, got 123"),
+        ({"voice": ["NATF2"]}, "the voice must be text, got ['NATF2']"),
+        ({"role": {"a": 1}}, "the role prompt must be text"),
+        ({"seed": 2**63}, "the seed must be a whole number from 0 to 4294967295"),
+        ({"seed": "7"}, "the seed must be a whole number, got '7'"),
+        ({"temp_text": -1}, "temp_text must be a number from 0 to 10"),
+        ({"temp_audio": "hot"}, "the audio temperature must be a number"),
+        ({"topk_text": float("nan")}, "the text top-k must be a whole number, got nan"),
+        ({"topk_audio": 0}, "topk_audio must be a whole number from 1 to 500"),
+        ({"greedy": "yes"}, "greedy must be true or false, got 'yes'"),
     ],
 )
-def test_refused_calls_say_why_then_end(service, role, voice, message):
+def test_bad_settings_end_the_call_with_their_message(service, values, message):
     async def scenario():
-        handler = make_handler(service, role=role, voice=voice)
+        handler = make_handler(service, **values)
         await handler.start_up()
-        first = await handler.emit()
-        assert isinstance(first, AdditionalOutputs) and message in first.args[1]
-        assert isinstance(await handler.emit(), CloseStream)
-        assert service.worker.live_sessions == 0
+        return await until_ended(handler)
 
-    asyncio.run(scenario())
+    final = asyncio.run(scenario())
+    assert message in final.health and "data-ending='refused'" in final.health and final.files is None
+    assert service.worker.live_sessions == 0
+
+
+def test_settings_that_never_arrive_end_the_call(service, monkeypatch):
+    monkeypatch.setattr(app, "ARGS_TIMEOUT_S", 0.2)
+
+    async def scenario():
+        handler = make_handler(service)
+        handler.phone_mode = False  # fastrtc asks the page; nobody answers (the page's settings event was refused)
+        await handler.start_up()
+        await until_ended(handler)
+        return handler
+
+    handler = asyncio.run(scenario())
+    assert handler.session.ending.reason == "refused" and "did not send the call's settings" in handler.session.ending.message
+
+
+def test_the_string_false_is_false(service):
+    async def scenario():
+        handler = make_handler(service, greedy="false", seed=-1)
+        await handler.start_up()
+        await handler.shutdown()
+        return handler
+
+    assert asyncio.run(scenario()).session.ending.reason == "stopped"
 
 
 def test_more_callers_than_slots_get_a_busy_message(service):
     async def scenario():
-        handlers = [make_handler(service, key=f"c{i}") for i in range(3)]
+        handlers = [make_handler(service, call_id=f"c{i}") for i in range(3)]
         for h in handlers:
             await h.start_up()
-        item = await handlers[2].emit()
-        assert isinstance(item, AdditionalOutputs) and "all 2 conversation slots are in use" in item.args[1]
+        final = await until_ended(handlers[2])
         for h in handlers:
             await h.shutdown()
-        assert service.worker.live_sessions == 0
+        return final
 
-    asyncio.run(scenario())
-
-
-def test_a_silent_client_is_closed_by_the_watchdog(service, monkeypatch):
-    monkeypatch.setattr(app, "WATCHDOG_S", 0.3)
-
-    async def scenario():
-        handler = make_handler(service)
-        await handler.start_up()
-        await asyncio.sleep(0.4)
-        assert isinstance(await handler.emit(), CloseStream)
-        assert service.worker.live_sessions == 0
-
-    asyncio.run(scenario())
-
-
-def test_the_offline_tab_returns_the_models_side_a_stereo_mix_and_the_text(service, tmp_path):
-    from personaplex.audio import read_audio
-
-    from .helpers import ROOT
-
-    user = ROOT / "examples" / "user_question.wav"
-    seen = []
-    agent, mix, text, files = app.run_offline(
-        service, str(user), "You enjoy having a good conversation.", "TESTV0", "", False, 0.7, 25, 0.8, 250, 3, False,
-        progress=lambda fraction, desc=None: seen.append(fraction),
-    )
-    n = read_audio(user).size
-    assert read_audio(agent).size == n
-    with wave.open(mix) as w:
-        assert (w.getnchannels(), w.getnframes()) == (2, n)
-    assert text and [Path(f).name for f in files] == ["model.wav", "both.wav", "transcript.txt"]
-    assert seen and seen[-1] == 1.0
-    with pytest.raises(app.gr.Error, match="Upload or record the user's side first"):
-        app.run_offline(service, None, "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 3, False, progress=lambda *a, **k: None)
-    bad = tmp_path / "bad.wav"
-    bad.write_bytes(b"not audio" * 100)
-    with pytest.raises(app.gr.Error, match=r"bad\.wav"):
-        app.run_offline(service, str(bad), "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 3, False, progress=lambda *a, **k: None)
+    assert "all 2 conversation slots are in use" in asyncio.run(scenario()).health
+    assert service.worker.live_sessions == 0
 
 
 def test_a_call_that_fails_on_the_engine_says_so(service, monkeypatch):
@@ -201,18 +239,50 @@ def test_a_call_that_fails_on_the_engine_says_so(service, monkeypatch):
     async def scenario():
         handler = make_handler(service)
         await handler.start_up()
-        await asyncio.to_thread(handler.session.closed.wait, 10)
-        first = await handler.emit()
-        assert isinstance(first, AdditionalOutputs) and "the call could not start: CUDA out of memory" in first.args[1]
-        assert isinstance(await handler.emit(), CloseStream)
+        return await until_ended(handler)
 
-    asyncio.run(scenario())
+    assert "the call could not start: CUDA out of memory" in asyncio.run(scenario()).health
+    assert service.worker.live_sessions == 0
+
+
+def test_updates_are_shown_only_to_the_page_that_made_the_call():
+    update = app.CallUpdate(OWNER, "[0:00] hello", "<table></table>", ("a.wav", "b.txt"))
+    captions, _health, recording, transcript = app.show_update(OWNER, update)
+    assert captions == "[0:00] hello" and recording["value"] == "a.wav" and transcript["visible"] is True
+    for other in ("page-token-2", None, "", 5):
+        assert all(isinstance(x, dict) and "value" not in x for x in app.show_update(other, update))
+
+
+def test_the_offline_tab_returns_the_models_side_a_stereo_mix_and_the_text(service, tmp_path):
+    from personaplex.audio import read_audio
+
+    user = ROOT / "examples" / "user_question.wav"
+    seen = []
+    sampling = (0.7, 25, 0.8, 250, 3, False)
+    agent, mix, text, files = app.run_offline(service, str(user), "You enjoy having a good conversation.", "TESTV0", "", False,
+                                              *sampling, progress=lambda fraction, desc=None: seen.append(fraction))
+    n = read_audio(user).size
+    assert read_audio(agent).size == n
+    with wave.open(mix) as w:
+        assert (w.getnchannels(), w.getnframes()) == (2, n)
+    assert re.match(r"\[0:00\] ", text) and [Path(f).name for f in files] == ["model.wav", "both.wav", "transcript.txt"]
+    assert Path(files[0]).parent.parent == service.files.root  # kept in the store, deleted after a while
+    assert seen and seen[-1] == 1.0
+    for path, message in [(None, "Upload or record the user's side first"), (7, "Upload or record the user's side first")]:
+        with pytest.raises(app.gr.Error, match=message):
+            app.run_offline(service, path, "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
+    bad = tmp_path / "bad.wav"
+    bad.write_bytes(b"not audio" * 100)
+    with pytest.raises(app.gr.Error, match=r"bad\.wav"):
+        app.run_offline(service, str(bad), "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
+    with pytest.raises(app.gr.Error, match="the seed must be"):
+        app.run_offline(service, str(user), "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 2**40, False, progress=lambda *a, **k: None)
 
 
 def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(service, tmp_path, monkeypatch):
     from personaplex.audio import write_wav
 
-    from .helpers import ROOT, tone
+    from .helpers import tone
 
     good = ROOT / "examples" / "voice_sample.wav"
     message, key, _ = app.add_voice(service, str(good), True, "")
@@ -233,8 +303,11 @@ def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(
         message, kept, _ = app.add_voice(service, str(path), True, key)
         assert re.search(expected, message), (name, message)
         assert kept == key and "previous custom voice is kept" in message
-    message, kept, _ = app.add_voice(service, str(good), False, key)
-    assert "Tick the consent box first" in message and kept == key
+    for consent in (False, "false"):
+        message, kept, _ = app.add_voice(service, str(good), consent, key)
+        assert "Tick the consent box first" in message and kept == key
+    message, kept, _ = app.add_voice(service, str(good), ["yes"], key)
+    assert "the consent box must be true or false" in message and kept == key
     monkeypatch.setattr("personaplex.service.MAX_UPLOAD_BYTES", 1000)
     message, kept, _ = app.add_voice(service, str(good), True, key)
     assert "larger than" in message and kept == key
