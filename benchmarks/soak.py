@@ -1,0 +1,147 @@
+"""Long calls: the app as the README starts it, N real-time WebRTC calls held for minutes, the
+server's memory and the calls' health sampled every 10 s.
+
+    python -m benchmarks.soak --calls 4 --minutes 10 --json soak.json
+
+The server runs the tiny checkpoint on the CPU unless `--app-args` says otherwise; the calls are
+the aiortc client of examples/ (the browser's signalling), each sending a real recording in a
+loop. Memory is the server process's resident set (VmRSS), read from /proc: at start, after a
+short warm-up call (the first call loads Opus, aiortc and torch's caches), every 10 s, and
+10 s after the last call ended. Each call reports the audio it received and its health figures
+(tick time, dropped frames), so that growth, errors or a slow-down show up over time.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import importlib.util
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import ModuleType
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "tests" / "fixtures" / "tiny" / "checkpoint"
+DEFAULT_APP_ARGS = f"--checkpoint {TINY} --config {TINY / 'tiny_config.json'} --device cpu"
+SAMPLE_EVERY_S = 10.0
+
+
+def load_client() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("webrtc_client", ROOT / "examples" / "webrtc_client.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmRSS")
+
+
+class App:
+    """`python app.py` in a subprocess, until it says it is ready."""
+
+    def __init__(self, port: int, extra: str) -> None:
+        self.url = f"http://127.0.0.1:{port}"
+        self.log = Path(tempfile.mkstemp(suffix=".log")[1])
+        args = [sys.executable, str(ROOT / "app.py"), "--port", str(port), *extra.split()]
+        self.process = subprocess.Popen(args, stdout=self.log.open("w"), stderr=subprocess.STDOUT, cwd=ROOT)
+
+    def wait_ready(self, timeout: float = 300.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.log.read_text()
+            if "ready: ready" in text and "Running on local URL" in text:
+                return
+            if self.process.poll() is not None or "failed:" in text:
+                break
+            time.sleep(0.5)
+        raise RuntimeError(f"the app did not start:\n{self.log.read_text()[-2000:]}")
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(10)
+
+
+def health_figure(health: str, label: str) -> str:
+    """The text of one row of the page's health table."""
+    marker = f"<td>{label}</td><td>"
+    start = health.find(marker)
+    return health[start + len(marker) : health.find("</td>", start + len(marker))] if start >= 0 else ""
+
+
+async def soak(app: App, client: ModuleType, speech: np.ndarray, calls: int, seconds: float) -> dict:
+    samples: list[dict] = []
+    started = time.monotonic()
+
+    async def sample() -> None:
+        while True:
+            samples.append({"t_s": round(time.monotonic() - started, 1), "rss_mb": round(rss_mb(app.process.pid), 1)})
+            await asyncio.sleep(SAMPLE_EVERY_S)
+
+    sampler = asyncio.ensure_future(sample())
+    looped = np.tile(speech, int(seconds * client.RATE / speech.size) + 2)
+    results = await asyncio.gather(*(client.converse(app.url, looped, seconds, {"voice": "TESTV0"}) for _ in range(calls)))
+    sampler.cancel()
+    return {"samples": samples, "calls": [
+        {"received_s": round(r.audio.size / client.RATE, 1), "ended_by_app": r.ended,
+         "tick": health_figure(r.health, "engine tick"), "dropped": health_figure(r.health, "dropped audio"),
+         "call_time": health_figure(r.health, "call time")} for r in results
+    ]}
+
+
+def run(args: argparse.Namespace) -> dict:
+    client = load_client()
+    speech = client.load_48k(str(args.speech))
+    app = App(args.port, f"{args.app_args} --max-sessions {args.calls} --time-limit 0")
+    try:
+        app.wait_ready()
+        at_start = rss_mb(app.process.pid)
+        asyncio.run(client.converse(app.url, speech, 5.0, {"voice": "TESTV0"}))  # warm-up call
+        time.sleep(2)
+        after_warmup = rss_mb(app.process.pid)
+        result = asyncio.run(soak(app, client, speech, args.calls, args.minutes * 60))
+        time.sleep(10)
+        at_end = rss_mb(app.process.pid)
+        errors = [line for line in app.log.read_text().splitlines() if "Traceback" in line or " ERROR " in line]
+    finally:
+        app.stop()
+    rss = [s["rss_mb"] for s in result["samples"]]
+    return {
+        "calls": args.calls, "minutes": args.minutes, "app_args": args.app_args,
+        "rss_mb": {"at_start": round(at_start, 1), "after_warmup": round(after_warmup, 1), "during_max": max(rss),
+                   "during_median": statistics.median(rss), "after_calls": round(at_end, 1),
+                   "growth_since_warmup": round(at_end - after_warmup, 1)},
+        "server_errors": len(errors), **result,
+    }
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--calls", type=int, default=4)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--port", type=int, default=7870)
+    p.add_argument("--app-args", default=DEFAULT_APP_ARGS, help="how to start app.py (default: the tiny checkpoint on the CPU)")
+    p.add_argument("--speech", type=Path, default=ROOT / "examples" / "user_question.wav", help="what every caller says, in a loop")
+    p.add_argument("--json", type=Path, help="also write the result here")
+    args = p.parse_args(argv)
+    result = run(args)
+    text = json.dumps(result, indent=1)
+    if args.json:
+        args.json.write_text(text)
+    sys.stdout.write(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
