@@ -62,7 +62,7 @@ class App:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.log.read_text()
-            if "ready: ready" in text and "Running on local URL" in text:
+            if "ready: ready" in text and "the page is up" in text:
                 return
             if self.process.poll() is not None or "failed:" in text:
                 break

@@ -7,10 +7,11 @@ It reads the page's /config, runs the page's load event (as a browser does when 
 page: the app gives this page session its token there), sends an SDP offer through Gradio's
 component server, answers the app's "send_input" request with the persona settings, streams the
 wav as the microphone (20 ms Opus frames, in real time, then silence), records what comes back,
-and follows the captions, health and, after the call, the recording's link through Gradio's
-event stream. The call ends after `--seconds` or when the app ends it (time limit, refusal...):
-a refused call exits with status 2 and the app's message. Needs aiortc and httpx (both come with
-fastrtc).
+and follows what the page shows (who is speaking, the conversation turn by turn, the call's
+figures, and after the call the recording's link) through Gradio's event stream. The call ends
+after `--seconds` or when the app ends it (time limit, refusal...): a refused call (an unknown
+voice, a busy server...) exits with status 2 and the app's message. Needs aiortc and httpx (both
+come with fastrtc).
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import fractions
+import html
 import json
 import secrets
 import time
@@ -64,22 +66,29 @@ class FileTrack(MediaStreamTrack):
 @dataclass
 class CallResult:
     audio: np.ndarray  # float32 mono at 48 kHz, as played by the remote track
-    transcript: str = ""
-    health: str = ""
+    live: str = ""  # html: who is speaking, the verdict, why the call ended
+    conversation: list[dict] = field(default_factory=list)  # chat messages, turn by turn
+    details: str = ""  # html: the call's figures
     recording_url: str | None = None  # the call's stereo recording, offered once it ended
     transcript_url: str | None = None
     ended: str | None = None  # the app's message when it ended the call itself
     webrtc_id: str = ""
     events: list[dict] = field(default_factory=list)  # data-channel messages
-    output_updates: int = 0  # transcript/health updates seen through Gradio
-
-    @property
-    def refused(self) -> bool:
-        return "data-ending='refused'" in self.health
+    output_updates: int = 0  # page updates seen through Gradio
     connected_after_s: float | None = None
     closed_by_app_after_s: float | None = None  # when the app closed the connection, if it did
     first_frame_after_s: float | None = None  # the first frame of the remote track
     first_audio_after_s: float | None = None  # the first frame that is not silence
+
+    @property
+    def refused(self) -> bool:
+        return "data-ending='refused'" in self.live
+
+    @property
+    def transcript(self) -> str:
+        """The conversation as text, one turn a line (the page's chat messages are html-escaped)."""
+        speaker = {"assistant": "Model", "user": "You"}
+        return "".join(f"{speaker.get(m['role'], m['role'])}: {html.unescape(m['content'])}\n" for m in self.conversation)
 
 
 def _patch(state: object, diff: object) -> object:
@@ -134,6 +143,7 @@ class Page:
         self.load = [d for d in deps if any(target[1] == "load" for target in d["targets"])]
         self.stop = next((d for d in deps if [self.webrtc, "stop_recording"] in d["targets"]), None)
         self.values = {c["id"]: c.get("props", {}).get("value") for c in components}
+        self.elem_ids = {c["id"]: c.get("props", {}).get("elem_id") for c in components}
 
     def inputs(self, dep: dict, webrtc_id: str, overrides: dict[str, object]) -> list:
         ids = {c["id"]: key for key, c in self.by_elem.items() if key}
@@ -146,10 +156,12 @@ class Page:
         return data
 
 
-async def _follow_outputs(client: httpx.AsyncClient, url: str, session: str, result: CallResult, stop: asyncio.Event) -> None:
-    """Read Gradio's event stream for this session and keep the latest outputs (captions, health,
-    and after the call the recording and the transcript)."""
-    states: list[object] = [None] * 4
+async def _follow_outputs(client: httpx.AsyncClient, url: str, session: str, page: Page, event_id: str,
+                          result: CallResult, stop: asyncio.Event) -> None:
+    """Read Gradio's event stream for this session and keep the latest outputs of the page's
+    call-update event (by elem_id: live, conversation, details, recording, transcript_file)."""
+    names = [page.elem_ids.get(cid) for cid in page.state_change["outputs"]]
+    states: dict[str | None, object] = dict.fromkeys(names)
     while not stop.is_set():
         try:
             async with client.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=None) as r:
@@ -157,13 +169,15 @@ async def _follow_outputs(client: httpx.AsyncClient, url: str, session: str, res
                     if not line.startswith("data:"):
                         continue
                     msg = json.loads(line[5:])
-                    if msg.get("msg") in ("process_generating", "process_completed") and msg.get("output", {}).get("data"):
-                        data = [*msg["output"]["data"], None, None, None, None][:4]
-                        states[:] = [_patch(old, new) for old, new in zip(states, data)]
-                        result.transcript = str(_value(states[0], result.transcript) or "")
-                        result.health = str(_value(states[1], result.health) or "")
-                        result.recording_url = _file_url(url, states[2]) or result.recording_url
-                        result.transcript_url = _file_url(url, states[3]) or result.transcript_url
+                    data = msg.get("output", {}).get("data") if msg.get("event_id") == event_id else None
+                    if msg.get("msg") in ("process_generating", "process_completed") and data:
+                        for name, new in zip(names, data):
+                            states[name] = _patch(states[name], new)
+                        result.live = str(_value(states.get("live"), result.live) or "")
+                        result.conversation = list(_value(states.get("conversation"), result.conversation) or [])
+                        result.details = str(_value(states.get("details"), result.details) or "")
+                        result.recording_url = _file_url(url, states.get("recording")) or result.recording_url
+                        result.transcript_url = _file_url(url, states.get("transcript_file")) or result.transcript_url
                         result.output_updates += 1
                     if stop.is_set():
                         return
@@ -197,10 +211,12 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
         hanging_up = False
         tasks: list[asyncio.Task] = []
 
-        async def join(dep: dict) -> None:
+        async def join(dep: dict) -> str:
             body = {"data": page.inputs(dep, webrtc_id, settings), "fn_index": dep["id"], "session_hash": session,
                     "trigger_id": page.webrtc, "event_data": None}
-            (await client.post(f"{url}/gradio_api/queue/join", json=body)).raise_for_status()
+            response = await client.post(f"{url}/gradio_api/queue/join", json=body)
+            response.raise_for_status()
+            return response.json()["event_id"]
 
         @channel.on("message")
         def on_message(message: str) -> None:
@@ -214,8 +230,8 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
                     ended.set()
             elif event.get("type") == "fetch_output" and not any(e.get("type") == "fetch_output" for e in result.events[:-1]):
                 async def outputs() -> None:
-                    await join(page.state_change)
-                    await _follow_outputs(client, url, session, result, stop)
+                    event_id = await join(page.state_change)
+                    await _follow_outputs(client, url, session, page, event_id, result, stop)
                 tasks.append(asyncio.ensure_future(outputs()))
 
         @pc.on("connectionstatechange")
@@ -349,7 +365,7 @@ def main() -> None:
         sys.exit(2)
     save_wav(args.output, result.audio)
     summary = {"connected_after_s": result.connected_after_s, "first_audio_after_s": result.first_audio_after_s,
-               "received_s": round(result.audio.size / RATE, 2), "transcript": result.transcript,
+               "received_s": round(result.audio.size / RATE, 2), "conversation": result.transcript,
                "ended_by_app": result.ended, "recording": result.recording_url}
     Path(args.output).with_suffix(".json").write_text(json.dumps(summary, indent=2))
     sys.stdout.write(json.dumps(summary, indent=2) + "\n")

@@ -1,13 +1,13 @@
 """What a call leaves behind: its recording and transcript, on disk and bounded.
 
 Implements:
-  * `Transcript`: the agent's words as turns with start times (a new turn after a pause);
   * `CallRecording`: the stereo recording (user left, model right, 24 kHz 16-bit wav) written
     frame by frame as the call goes, so no audio is held in memory, capped in length, with the
-    transcript written next to it when the call ends;
+    transcript (`personaplex.transcript`) written next to it when the call ends;
   * `FileStore`: the folder where recordings and offline results live, each in a folder with an
     unguessable name; a recording is found only with its owner's token and its call id (never
     a client-chosen id alone); the oldest folders are deleted beyond a count and after an age.
+    A small cache beside them keeps files made once and reused (voice previews).
 """
 
 from __future__ import annotations
@@ -25,42 +25,9 @@ import numpy as np
 
 from .audio import float_to_int16
 from .config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from .transcript import FRAME_S, Transcript, level_db
 
-FRAME_S = 1 / FRAME_RATE
-TURN_PAUSE_S = 1.5  # no new words for this long: the next words start a new turn
 WAV_NAME, TRANSCRIPT_NAME = "call.wav", "transcript.txt"
-
-
-def clock_text(seconds: float) -> str:
-    """m:ss"""
-    return f"{int(seconds) // 60}:{int(seconds) % 60:02d}"
-
-
-@dataclass
-class Turn:
-    start_s: float
-    text: str
-
-
-class Transcript:
-    """The agent's text pieces, grouped into turns."""
-
-    def __init__(self, pause_s: float = TURN_PAUSE_S) -> None:
-        self.pause_s = pause_s
-        self.turns: list[Turn] = []
-        self._last_s = -np.inf
-
-    def add(self, time_s: float, piece: str) -> None:
-        if not piece:
-            return
-        if not self.turns or time_s - self._last_s >= self.pause_s:
-            self.turns.append(Turn(time_s, piece.lstrip()))
-        else:
-            self.turns[-1].text += piece
-        self._last_s = time_s
-
-    def render(self) -> str:
-        return "".join(f"[{clock_text(t.start_s)}] {t.text.strip()}\n" for t in self.turns)
 
 
 class CallRecording:
@@ -96,7 +63,7 @@ class CallRecording:
         """One 80 ms frame: the user's audio, the model's (None: it was silent) and its words."""
         if self._full():
             return
-        self.transcript.add(self.seconds, text)
+        self.transcript.add(self.seconds, text, level_db(user))
         stereo = np.zeros((FRAME_SIZE, 2), dtype=np.float32)
         stereo[:, 0] = user
         if agent is not None:
@@ -115,7 +82,7 @@ class CallRecording:
         if self.closed.is_set():
             return
         self._wav.close()
-        self.transcript_path.write_text(self.transcript.render() or "(the model said nothing)\n")
+        self.transcript_path.write_text(self.transcript.render() or "(nobody said anything)\n")
         self.closed.set()
 
     def _full(self) -> bool:
@@ -137,9 +104,10 @@ class FileStore:
     """Folders for what calls and offline runs leave, deleted beyond `keep` or after `max_age_s`."""
 
     def __init__(self, root: Path | None = None, keep: int = 32, max_age_s: float = 3600.0,
-                 max_recording_s: float = 900.0) -> None:
+                 max_recording_s: float = 900.0, keep_cached: int = 128) -> None:
         self.root = root or Path(tempfile.mkdtemp(prefix="personaplex-files-"))
         self.keep = keep
+        self.keep_cached = keep_cached
         self.max_age_s = max_age_s
         self.max_recording_s = max_recording_s
         self._entries: list[_Entry] = []
@@ -148,6 +116,17 @@ class FileStore:
     def folder(self) -> Path:
         """A fresh folder (for an offline run's files)."""
         return self._new().folder
+
+    def cached(self, name: str) -> Path:
+        """A stable path for a file made once and reused (a voice's preview); the cache keeps
+        the `keep_cached` newest files."""
+        cache = self.root / "cache"
+        cache.mkdir(exist_ok=True)
+        files = sorted(cache.iterdir(), key=lambda f: f.stat().st_mtime)
+        for old in files[: max(0, len(files) - self.keep_cached + 1)]:
+            if old.name != name:
+                old.unlink(missing_ok=True)
+        return cache / name
 
     def recording(self, owner: str, call_id: str) -> CallRecording:
         """A new recording for the call `call_id` of the browser session whose token is `owner`."""

@@ -26,24 +26,27 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, read_audio
-from .config import FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
+from .audio import AudioError, normalize_loudness, read_audio, write_wav
+from .config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
 from .engine import Engine
 from .errors import SettingsError, UserError
 from .generate import PromptFrames
 from .lm import LMModel
 from .loading import CheckpointError, Models, load_models, resolve_checkpoint
 from .persona import VoicePrompt
-from .recording import FRAME_S, FileStore, Transcript
+from .recording import FileStore
 from .sampling import SamplingParams
 from .session import OFFLINE, Session
 from .text import caption_text
+from .transcript import FRAME_S, Transcript, level_db
 from .worker import EngineWorker
 
 logger = logging.getLogger(__name__)
 
 MAX_ROLE_CHARS = 1000  # as the official client
-CUSTOM_VOICE_SECONDS = (2.0, 30.0)
+CUSTOM_VOICE_SECONDS = (5.0, 30.0)
+PREVIEW_SECONDS = 4.0  # a voice's preview: the model's first words on this much silence
+PREVIEW_SEED = 1
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 CUSTOM_VOICE_PREFIX = "custom:"
 SLOT_MEMORY_RESERVE = 4 * 1024**3  # activations, CUDA graphs, allocator slack
@@ -84,6 +87,20 @@ class NotReady(UserError):
 
 
 @dataclass(frozen=True)
+class CustomVoice:
+    key: str  # the name `voice()` knows it by
+    seconds: float
+    clip: Path  # the clip as the model hears it (loudness-normalised), to play back
+
+
+@dataclass(frozen=True)
+class EngineFigures:
+    live: int  # conversations now
+    slots: int
+    tick_ms: float  # the last tick of the live conversations together; with none, the warm-up's tick of all slots
+
+
+@dataclass(frozen=True)
 class OfflineResult:
     user: np.ndarray  # [T] float32 the recording given
     agent: np.ndarray  # [T] float32 the model's side, exactly as long
@@ -103,6 +120,7 @@ class Service:
         self._custom: OrderedDict[str, VoicePrompt] = OrderedDict()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
+        self._when_ready: list[Callable[[], None]] = []
         self.files = FileStore()
 
     # --- loading ------------------------------------------------------------------------
@@ -110,6 +128,14 @@ class Service:
         """Load in the background; `status` tells how far it got."""
         self._thread = threading.Thread(target=self._load, name="personaplex-loader", daemon=True)
         self._thread.start()
+
+    def when_ready(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once the model is ready (on the loader thread; at once if it is)."""
+        with self._lock:
+            if self.status.state is not State.READY:
+                self._when_ready.append(callback)
+                return
+        callback()
 
     def wait_ready(self, timeout: float | None = None) -> Status:
         if self._thread is not None:
@@ -143,7 +169,14 @@ class Service:
             self.worker = EngineWorker(self.engine)
             self._set(State.WARMING_UP, "warming up")
             frame_ms = self._warm_up()
-            self._set(State.READY, self._ready_message(slots, frame_ms), frame_ms)
+            with self._lock:
+                self._set(State.READY, self._ready_message(slots, frame_ms), frame_ms)
+                callbacks, self._when_ready = self._when_ready, []
+            for callback in callbacks:
+                try:
+                    callback()
+                except Exception:  # the model is ready all the same
+                    logger.exception("a callback for the ready model failed")
         except CheckpointError as exc:  # missing files, gated repo, no GPU: said in the status line
             self._set(State.FAILED, str(exc))
         except Exception as exc:  # the loader thread's boundary: every failure goes to the status line
@@ -224,8 +257,8 @@ class Service:
                 self._voices[name] = cached
         return cached
 
-    def add_custom_voice(self, path: str | Path) -> tuple[str, float]:
-        """Validate, normalise and encode an uploaded voice clip; return (key, seconds)."""
+    def add_custom_voice(self, path: str | Path) -> CustomVoice:
+        """Validate, normalise and encode an uploaded voice clip."""
         engine, worker = self._require_ready()
         path = Path(path)
         if path.stat().st_size > MAX_UPLOAD_BYTES:
@@ -239,15 +272,39 @@ class Service:
             raise AudioError(f"the clip is {seconds:.1f} s long; use at most {high:g} s of speech")
         if seconds < low:
             raise AudioError(f"the clip is {seconds:.1f} s long; use at least {low:g} s of speech")
+        clip = self.files.cached(key.removeprefix(CUSTOM_VOICE_PREFIX) + ".wav")
+        write_wav(clip, normalize_loudness(pcm))  # what the model will hear, to play back
         with self._lock:
             if key in self._custom:
-                return key, seconds
+                return CustomVoice(key, seconds, clip)
         voice = worker.call(lambda: engine.voice_from_audio(pcm)).result()
         with self._lock:
             self._custom[key] = voice
             while len(self._custom) > 64:
                 self._custom.popitem(last=False)
-        return key, seconds
+        return CustomVoice(key, seconds, clip)
+
+    def voice_preview(self, voice: str) -> Path:
+        """The model's first words in `voice` when nobody speaks (made once, then cached): what a
+        voice sounds like, made by the model itself from the voice prompt."""
+        self.voice(voice)  # an unknown voice fails here, before any work
+        path = self.files.cached("preview-" + hashlib.sha256(voice.encode()).hexdigest()[:24] + ".wav")
+        if not path.exists():
+            silence = np.zeros(int(PREVIEW_SECONDS * SAMPLE_RATE), dtype=np.float32)
+            result = self.run_offline(voice, DEFAULT_TEXT_PROMPT, SamplingParams(seed=PREVIEW_SEED), silence)
+            partial = path.with_suffix(".part")
+            write_wav(partial, result.agent)
+            partial.replace(path)
+        return path
+
+    def figures(self) -> EngineFigures | None:
+        """The engine now (None before it is loaded)."""
+        engine, worker = self.engine, self.worker
+        if engine is None or worker is None:
+            return None
+        live = worker.live_sessions
+        tick_ms = worker.last_tick_ms if live else (self.status.frame_ms or 0.0)
+        return EngineFigures(live, engine.num_slots, tick_ms)
 
     # --- conversations ------------------------------------------------------------------
     def prompt(self, voice: str, role: str) -> PromptFrames:
@@ -291,7 +348,7 @@ class Service:
                         raise RuntimeError(session.ending.message)
                     continue
                 agent.append(out.pcm)
-                transcript.add(out.index * FRAME_S, out.text)
+                transcript.add(out.index * FRAME_S, out.text, level_db(out.user))
                 if progress is not None:
                     progress(len(agent), total)
         finally:

@@ -37,7 +37,8 @@ import numpy as np
 
 from .audio import FrameBuffer
 from .config import FRAME_RATE, FRAME_SIZE
-from .recording import FRAME_S, CallRecording
+from .recording import CallRecording
+from .transcript import FRAME_S
 
 if TYPE_CHECKING:
     from .worker import EngineWorker
@@ -78,6 +79,7 @@ class Ending:
 @dataclass(frozen=True)
 class Output:
     pcm: np.ndarray  # [1920] float32: the model's audio, or silence
+    user: np.ndarray  # [1920] float32: what the user said in this frame
     text: str  # the model's words in this frame ('' for none)
     index: int  # frame number in the call: it starts index * 80 ms after the first input
     from_model: bool
@@ -381,7 +383,7 @@ class Session:
             return None
         text = self._describe(frame.text_id) if frame.text_id is not None else ""
         pcm = frame.agent if frame.agent is not None else SILENCE
-        return Output(pcm=pcm, text=text, index=frame.index, from_model=frame.agent is not None)
+        return Output(pcm=pcm, user=frame.user, text=text, index=frame.index, from_model=frame.agent is not None)
 
     def _flush_recording(self) -> None:
         """Write handed-out frames to the recording, in order, on the calling thread."""

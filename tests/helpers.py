@@ -123,7 +123,7 @@ class RunningApp:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.output()
-            if "ready: ready" in text and "Running on local URL" in text:
+            if "ready: ready" in text and "the page is up" in text:
                 return
             if self.process.poll() is not None or "failed:" in text:
                 break

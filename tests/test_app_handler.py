@@ -23,7 +23,8 @@ from .helpers import ROOT, start_tiny_service
 CHUNK = 960  # what fastrtc hands `receive` at 24 kHz: 40 ms
 OWNER = "page-token-1"
 GOOD = {"owner": OWNER, "role": "You enjoy having a good conversation.", "voice": "TESTV0", "custom_voice": "",
-        "consent": False, "temp_text": 0.7, "topk_text": 25, "temp_audio": 0.8, "topk_audio": 250, "seed": 1, "greedy": True}
+        "consent": False, "temp_text": 0.7, "topk_text": 25, "temp_audio": 0.8, "topk_audio": 250, "seed": 1, "greedy": True,
+        "mute": False}
 
 
 @pytest.fixture(scope="module")
@@ -47,9 +48,11 @@ class FakeChannel:
 
 class FakeConnection:
     closed = False
+    connectionState = "connected"
 
     async def close(self) -> None:
         self.closed = True
+        self.connectionState = "closed"
 
 
 class FakeConnections:
@@ -105,7 +108,7 @@ async def until_ended(handler, timeout=10.0):
     deadline = loop.time() + timeout
     while loop.time() < deadline:
         _, update = split(await handler.emit())
-        if update is not None and "data-ending='" in update.health and "data-ending=''" not in update.health:
+        if update is not None and "data-ending='" in update.live and "data-ending=''" not in update.live:
             return update
     raise AssertionError("the call did not end")
 
@@ -131,7 +134,10 @@ def test_every_80_ms_in_gives_80_ms_out_with_silence_while_the_prompt_loads(serv
     assert len(early) == 2 and all(rate == SAMPLE_RATE and not pcm.any() for rate, pcm in early)  # silence, in time
     assert len(audio) == 20 and all(rate == SAMPLE_RATE and pcm.shape == (1, 1920) for rate, pcm in audio)
     assert sum(pcm.any() for _, pcm in audio) >= 18
-    assert updates and all(u.owner == OWNER for u in updates) and updates[-1].captions  # the tiny model always talks
+    assert updates and all(u.owner == OWNER for u in updates)
+    assert any(m["role"] == "assistant" for m in updates[-1].conversation)  # the tiny model always talks
+    assert any(m["role"] == "user" and "spoke for" in m["content"] for m in updates[-1].conversation)  # and the user did
+    assert "You" in updates[-1].live and "Model" in updates[-1].live and "engine tick" in updates[-1].details
     assert service.worker.live_sessions == 0
     recording = handler.session.recording
     with wave.open(str(recording.wav_path)) as w:
@@ -156,7 +162,7 @@ def test_the_app_ends_a_call_says_why_frees_everything_and_offers_its_files(serv
 
     handler, final = asyncio.run(scenario())
     message = "time limit of 1 s" if ending == "time limit" else "no audio from your browser for 0.5 s"
-    assert message in final.health and final.files is not None and all(Path(f).exists() for f in final.files)
+    assert message in final.live and final.files is not None and all(Path(f).exists() for f in final.files)
     assert any('"end_stream"' in m and message in m for m in handler.channel.sent)  # the page stops the call and says why
     assert handler.calls.connections.pcs["call-1"].closed and service.worker.live_sessions == 0
 
@@ -166,8 +172,9 @@ def test_the_app_ends_a_call_says_why_frees_everything_and_offers_its_files(serv
     [
         ({"role": "x" * 1200}, "the role prompt is 1200 characters; the limit is 1000"),
         ({"voice": "NATF9"}, "unknown voice 'NATF9'"),
-        ({"voice": app.CUSTOM_VOICE}, "upload a custom voice and tick the consent box"),
-        ({"voice": app.CUSTOM_VOICE, "custom_voice": "custom:x", "consent": "false"}, "upload a custom voice and tick"),
+        ({"voice": app.CUSTOM_VOICE}, "upload or record a custom voice and tick the consent box"),
+        ({"voice": app.CUSTOM_VOICE, "custom_voice": "custom:x", "consent": "false"}, "upload or record a custom voice"),
+        ({"mute": "loud"}, "the mute switch must be true or false"),
         ({"voice": None}, "the voice must be text, got nothing"),
         ({"voice": 123}, "the voice must be text, got 123"),
         ({"voice": ["NATF2"]}, "the voice must be text, got ['NATF2']"),
@@ -188,7 +195,7 @@ def test_bad_settings_end_the_call_with_their_message(service, values, message):
         return await until_ended(handler)
 
     final = asyncio.run(scenario())
-    assert message in final.health and "data-ending='refused'" in final.health and final.files is None
+    assert message in final.live and "data-ending='refused'" in final.live and final.files is None
     assert service.worker.live_sessions == 0
 
 
@@ -226,7 +233,7 @@ def test_more_callers_than_slots_get_a_busy_message(service):
             await h.shutdown()
         return final
 
-    assert "all 2 conversation slots are in use" in asyncio.run(scenario()).health
+    assert "all 2 conversation slots are in use" in asyncio.run(scenario()).live
     assert service.worker.live_sessions == 0
 
 
@@ -241,14 +248,15 @@ def test_a_call_that_fails_on_the_engine_says_so(service, monkeypatch):
         await handler.start_up()
         return await until_ended(handler)
 
-    assert "the call could not start: CUDA out of memory" in asyncio.run(scenario()).health
+    assert "the call could not start: CUDA out of memory" in asyncio.run(scenario()).live
     assert service.worker.live_sessions == 0
 
 
 def test_updates_are_shown_only_to_the_page_that_made_the_call():
-    update = app.CallUpdate(OWNER, "[0:00] hello", "<table></table>", ("a.wav", "b.txt"))
-    captions, _health, recording, transcript = app.show_update(OWNER, update)
-    assert captions == "[0:00] hello" and recording["value"] == "a.wav" and transcript["visible"] is True
+    messages = [{"role": "assistant", "content": "0:00 · hello"}]
+    update = app.CallUpdate(OWNER, "<div>live</div>", messages, "<table></table>", ("a.wav", "b.txt"))
+    live, conversation, _details, recording, transcript = app.show_update(OWNER, update)
+    assert live == "<div>live</div>" and conversation == messages and recording["value"] == "a.wav" and transcript["visible"]
     for other in ("page-token-2", None, "", 5):
         assert all(isinstance(x, dict) and "value" not in x for x in app.show_update(other, update))
 
@@ -259,55 +267,89 @@ def test_the_offline_tab_returns_the_models_side_a_stereo_mix_and_the_text(servi
     user = ROOT / "examples" / "user_question.wav"
     seen = []
     sampling = (0.7, 25, 0.8, 250, 3, False)
-    agent, mix, text, files = app.run_offline(service, str(user), "You enjoy having a good conversation.", "TESTV0", "", False,
-                                              *sampling, progress=lambda fraction, desc=None: seen.append(fraction))
+    agent, mix, text, files = app.generate_offline(service, str(user), "You enjoy having a good conversation.", "TESTV0", "", False,
+                                                   *sampling, progress=lambda fraction, desc=None: seen.append(fraction))
     n = read_audio(user).size
     assert read_audio(agent).size == n
     with wave.open(mix) as w:
         assert (w.getnchannels(), w.getnframes()) == (2, n)
-    assert re.match(r"\[0:00\] ", text) and [Path(f).name for f in files] == ["model.wav", "both.wav", "transcript.txt"]
+    assert re.match(r"\[0:00\] (You|Model): ", text) and [Path(f).name for f in files] == ["model.wav", "both.wav", "transcript.txt"]
     assert Path(files[0]).parent.parent == service.files.root  # kept in the store, deleted after a while
     assert seen and seen[-1] == 1.0
     for path, message in [(None, "Upload or record the user's side first"), (7, "Upload or record the user's side first")]:
         with pytest.raises(app.gr.Error, match=message):
-            app.run_offline(service, path, "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
+            app.generate_offline(service, path, "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio" * 100)
     with pytest.raises(app.gr.Error, match=r"bad\.wav"):
-        app.run_offline(service, str(bad), "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
+        app.generate_offline(service, str(bad), "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
     with pytest.raises(app.gr.Error, match="the seed must be"):
-        app.run_offline(service, str(user), "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 2**40, False, progress=lambda *a, **k: None)
+        app.generate_offline(service, str(user), "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 2**40, False, progress=lambda *a, **k: None)
 
 
 def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(service, tmp_path, monkeypatch):
-    from personaplex.audio import write_wav
+    from personaplex.audio import read_audio, write_wav
 
     from .helpers import tone
 
     good = ROOT / "examples" / "voice_sample.wav"
-    message, key, _ = app.add_voice(service, str(good), True, "")
-    assert "Custom voice ready (8.6 s)" in message and key.startswith("custom:")
-    assert app.add_voice(service, str(good), True, "")[1] == key  # cached by content hash
+    message, key, choice, box, in_use = app.upload_voice(service, str(good), False, "")
+    assert "Tick the consent box to use this clip" in message and key == "" and "value" not in box  # the clip waits
+    message, key, choice, box, in_use = app.upload_voice(service, str(good), True, "")  # consent ticked: it applies
+    assert "Custom voice ready (8.6 s)" in message and key.startswith("custom:") and choice["value"] == app.CUSTOM_VOICE
+    played = read_audio(in_use["value"])  # the voice in use, as the model hears it (-24 LUFS)
+    assert in_use["visible"] and played.size == read_audio(good).size and np.abs(played).max() > 0.01
+    assert app.upload_voice(service, str(good), True, "")[1] == key  # cached by content hash
     assert key in service._custom
 
     cases = {
-        "silent.wav": (lambda p: write_wav(p, np.zeros(5 * SAMPLE_RATE, dtype=np.float32)), "the clip is silent"),
+        "silent.wav": (lambda p: write_wav(p, np.zeros(6 * SAMPLE_RATE, dtype=np.float32)), "the clip is silent"),
         "long.wav": (lambda p: write_wav(p, tone(31.0, SAMPLE_RATE)[0]), "longer than 30 s"),
-        "short.wav": (lambda p: write_wav(p, tone(1.5, SAMPLE_RATE)[0]), "use at least 2 s of speech"),
+        "short.wav": (lambda p: write_wav(p, tone(3.0, SAMPLE_RATE)[0]), "use at least 5 s of speech"),
         "empty.wav": (lambda p: p.write_bytes(b""), "could not be decoded"),
         "notes.txt": (lambda p: p.write_text("hello " * 100), "not an audio file|could not be decoded"),
     }
     for name, (make, expected) in cases.items():
         path = tmp_path / name
         make(path)
-        message, kept, _ = app.add_voice(service, str(path), True, key)
+        message, kept, _, box, _ = app.upload_voice(service, str(path), True, key)
         assert re.search(expected, message), (name, message)
-        assert kept == key and "previous custom voice is kept" in message
-    for consent in (False, "false"):
-        message, kept, _ = app.add_voice(service, str(good), consent, key)
-        assert "Tick the consent box first" in message and kept == key
-    message, kept, _ = app.add_voice(service, str(good), ["yes"], key)
+        assert kept == key and "previous custom voice is kept" in message and box["value"] is None  # the box is cleared
+    message, kept, *_ = app.upload_voice(service, str(good), ["yes"], key)
     assert "the consent box must be true or false" in message and kept == key
     monkeypatch.setattr("personaplex.service.MAX_UPLOAD_BYTES", 1000)
-    message, kept, _ = app.add_voice(service, str(good), True, key)
+    message, kept, *_ = app.upload_voice(service, str(good), True, key)
     assert "larger than" in message and kept == key
+
+
+def test_a_voice_preview_is_the_model_greeting_on_silence_made_once(service):
+    first = app.preview_voice(service, "TESTV0")
+    path = Path(first["value"])
+    assert first["visible"] and path.exists()
+    mtime = path.stat().st_mtime
+    assert app.preview_voice(service, "TESTV0")["value"] == str(path) and path.stat().st_mtime == mtime  # cached
+    from personaplex.audio import read_audio
+
+    assert read_audio(path).size == 4 * SAMPLE_RATE
+    with pytest.raises(app.gr.Error, match="unknown voice 'NATF9'"):
+        app.preview_voice(service, "NATF9")
+
+
+def test_voice_labels_say_what_the_release_names_mean():
+    assert app.voice_label("NATF2") == "NATF2 · natural, female" and app.voice_label("VARM4") == "VARM4 · varied, male"
+    assert app.voice_label("TESTV0") == "TESTV0"
+    assert app.voice_choices(["NATM1"]) == [("NATM1 · natural, male", "NATM1"), (app.CUSTOM_VOICE, app.CUSTOM_VOICE)]
+
+
+def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
+    from personaplex.service import EngineFigures
+
+    assert "Ready** on cpu for 2 conversations at once" in app.status_markdown(service)  # idle: the warm-up's figure
+    for figures, expected, dot in [
+        (EngineFigures(1, 2, 21.0), "1 of 2 conversations in progress; an 80 ms frame of all of them takes 21 ms now", "ready"),
+        (EngineFigures(2, 2, 70.0), "takes 70 ms now, near the 80 ms a frame lasts", "busy"),
+        (EngineFigures(2, 2, 160.0), "2.0x slower than real time: live audio will stutter", "failed"),
+    ]:
+        monkeypatch.setattr(service, "figures", lambda figures=figures: figures)
+        text = app.status_markdown(service)
+        assert expected in text and f"dot {dot}" in text, text
