@@ -21,6 +21,8 @@ import logging
 import os
 import re
 import secrets
+import signal
+import sys
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -717,6 +719,7 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="The '(theme|css|js)' parameter in the Blocks constructor")
     warnings.filterwarnings("ignore", message="The 'show_copy_all_button' parameter")  # Gradio 6 renames these
     warnings.filterwarnings("ignore", message="The 'show_api' parameter in event listeners")  # Gradio 6 renames it
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server deletes its files on the way out
     args = parse_args(argv)
     service = Service(Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions))
     service.start()

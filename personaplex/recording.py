@@ -18,6 +18,7 @@ import tempfile
 import threading
 import time
 import wave
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,10 @@ class FileStore:
 
     def __init__(self, root: Path | None = None, keep: int = 32, max_age_s: float = 3600.0,
                  max_recording_s: float = 900.0, keep_cached: int = 128) -> None:
-        self.root = root or Path(tempfile.mkdtemp(prefix="personaplex-files-"))
+        if root is None:  # a folder of its own, deleted with the store (at the latest when the process exits)
+            root = Path(tempfile.mkdtemp(prefix="personaplex-files-"))
+            weakref.finalize(self, shutil.rmtree, root, ignore_errors=True)
+        self.root = root
         self.keep = keep
         self.keep_cached = keep_cached
         self.max_age_s = max_age_s

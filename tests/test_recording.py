@@ -57,3 +57,15 @@ def test_old_and_surplus_folders_are_deleted_but_not_a_call_in_progress(tmp_path
     live.close()
     store.prune(now=1e12)
     assert not live.folder.exists() and store.find("a", "live") is None
+
+
+def test_a_store_of_its_own_deletes_its_folder_when_it_goes():
+    import gc
+
+    store = FileStore()
+    (store.folder() / "model.wav").write_bytes(b"x")
+    root = store.root
+    assert root.exists()
+    del store
+    gc.collect()
+    assert not root.exists()
