@@ -54,6 +54,7 @@ ARGS_TIMEOUT_S = 3.0  # the page sends a call's settings within this time of con
 END_STREAM_DELAY_S = 0.3  # the last captions and files reach the page before the call is closed
 CLOSE_DELAY_S = 0.5  # then the browser closes its side; the server closes its own after this
 CAPTION_TURNS = 50  # turns shown live (the transcript file has them all)
+CAPTION_CHARS = 1500  # of a turn shown live: its end
 STATUS_EVERY_S = 2.0
 SAMPLING_NAMES = ("temp_text", "topk_text", "temp_audio", "topk_audio", "seed", "greedy")
 CALL_INPUT_NAMES = ("owner", "role", "voice", "custom_voice", "consent", *SAMPLING_NAMES, "mute")  # what a call reads
@@ -334,8 +335,13 @@ def details_html(session: Session, tick_ms: float, connection: str) -> str:
 def conversation_messages(transcript: Transcript) -> list[dict]:
     """The turns as chat messages: the model's words, and when you spoke (escaped: the chat box
     reads its messages as html, and would swallow a "<" the model says)."""
-    return [{"role": "assistant" if t.speaker == MODEL else "user",
-             "content": html.escape(f"{clock_text(t.start_s)} · {t.render()}", quote=False)} for t in transcript.turns()]
+    return [{"role": "assistant" if t.speaker == MODEL else "user", "content": html.escape(
+             f"{clock_text(t.start_s)} · {_tail(t.render(), CAPTION_CHARS)}", quote=False)} for t in transcript.turns()]
+
+
+def _tail(text: str, chars: int) -> str:
+    """The end of a long turn (a monologue), so that every page update stays small."""
+    return text if len(text) <= chars else "…" + text[-chars:].lstrip()
 
 
 def show_update(owner: Any, update: Any):

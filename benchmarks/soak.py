@@ -74,11 +74,11 @@ class App:
         self.process.wait(10)
 
 
-def health_figure(health: str, label: str) -> str:
-    """The text of one row of the page's health table."""
+def health_figure(details: str, label: str) -> str:
+    """The text of one row of the page's call details table."""
     marker = f"<td>{label}</td><td>"
-    start = health.find(marker)
-    return health[start + len(marker) : health.find("</td>", start + len(marker))] if start >= 0 else ""
+    start = details.find(marker)
+    return details[start + len(marker) : details.find("</td>", start + len(marker))] if start >= 0 else ""
 
 
 async def soak(app: App, client: ModuleType, speech: np.ndarray, calls: int, seconds: float) -> dict:
@@ -96,8 +96,9 @@ async def soak(app: App, client: ModuleType, speech: np.ndarray, calls: int, sec
     sampler.cancel()
     return {"samples": samples, "calls": [
         {"received_s": round(r.audio.size / client.RATE, 1), "ended_by_app": r.ended,
-         "tick": health_figure(r.health, "engine tick"), "dropped": health_figure(r.health, "dropped audio"),
-         "call_time": health_figure(r.health, "call time")} for r in results
+         "tick": health_figure(r.details, "engine tick"), "user_dropped": health_figure(r.details, "your audio dropped"),
+         "model_dropped": health_figure(r.details, "the model's audio dropped"),
+         "call_time": health_figure(r.details, "call time"), "turns": len(r.conversation)} for r in results
     ]}
 
 

@@ -93,7 +93,8 @@ class CallResult:
 
 def _patch(state: object, diff: object) -> object:
     """Apply one Gradio streaming output to the last one: a full value, or a list of diff
-    operations ["replace"|"add"|"append"|"delete", path, value] on it."""
+    operations ["replace"|"add"|"append"|"delete", path, value] on it (gradio.utils.diff: "add"
+    inserts into a list or a dict, "delete" removes, "append" extends a string)."""
     if not isinstance(diff, list) or not all(isinstance(d, list) and len(d) == 3 for d in diff):
         return diff
     for op, path, item in diff:
@@ -103,12 +104,15 @@ def _patch(state: object, diff: object) -> object:
         target = state
         for key in path[:-1]:
             target = target[key]  # type: ignore[index]
+        key = path[-1]
         if op == "append":
-            target[path[-1]] += item  # type: ignore[index]
+            target[key] += item  # type: ignore[index]
         elif op == "delete":
-            del target[path[-1]]  # type: ignore[union-attr]
+            del target[key]  # type: ignore[union-attr]
+        elif op == "add" and isinstance(target, list):
+            target.insert(key, item)
         else:
-            target[path[-1]] = item  # type: ignore[index]
+            target[key] = item  # type: ignore[index]
     return state
 
 

@@ -139,3 +139,22 @@ def test_the_client_exits_non_zero_with_the_apps_message_when_a_call_is_refused(
                           "--voice", "NATF2", "--seconds", "5"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "unknown voice 'NATF2'; this checkpoint has: TESTV0" in run.stderr, run.stderr
     assert not (tmp_path / "reply.wav").exists()
+
+
+def test_the_client_follows_gradios_streaming_diffs_of_the_conversation(client):
+    import copy
+    import random
+
+    from gradio.utils import diff
+
+    rng = random.Random(0)
+    old: list[dict] = []
+    for _ in range(300):  # turns appear, grow and scroll out of the live window
+        new = copy.deepcopy(old)
+        if new and rng.random() < 0.6:
+            new[-1]["content"] += " word"
+        elif rng.random() < 0.7:
+            new.append({"role": rng.choice(["user", "assistant"]), "content": "0:01 · hi"})
+        new = new[-5:]
+        assert client._patch(copy.deepcopy(old), diff(old, new)) == new
+        old = new

@@ -353,3 +353,14 @@ def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
         monkeypatch.setattr(service, "figures", lambda figures=figures: figures)
         text = app.status_markdown(service)
         assert expected in text and f"dot {dot}" in text, text
+
+
+def test_live_captions_are_escaped_and_show_the_end_of_a_long_turn():
+    from personaplex.transcript import Transcript
+
+    t = Transcript()
+    for i in range(3000):  # a monologue of 4 minutes without a pause
+        t.add(i * 0.08, " <w>" if i == 2999 else " word")
+    (message,) = app.conversation_messages(t)
+    assert message["role"] == "assistant" and message["content"].startswith("0:00 · …")
+    assert message["content"].endswith("word &lt;w&gt;") and len(message["content"]) < app.CAPTION_CHARS + 20
