@@ -35,7 +35,7 @@ from fastrtc import AdditionalOutputs, AsyncStreamHandler, WebRTC
 from fastrtc.utils import create_message, get_current_context
 
 from personaplex import inputs
-from personaplex.audio import AudioError, float_to_int16, int16_to_float, read_audio, wav_bytes
+from personaplex.audio import AudioError, HalfRate, float_to_int16, int16_to_float, read_audio, wav_bytes
 from personaplex.config import FRAME_RATE, SAMPLE_RATE
 from personaplex.errors import SettingsError, UserError
 from personaplex.health import BEHIND_TICK_MS, CallView, Verdict
@@ -56,6 +56,7 @@ CLOSE_DELAY_S = 0.5  # then the browser closes its side; the server closes its o
 CAPTION_TURNS = 50  # turns shown live (the transcript file has them all)
 CAPTION_CHARS = 1500  # of a turn shown live: its end
 STATUS_EVERY_S = 2.0
+INPUT_RATE = 2 * SAMPLE_RATE  # the microphone as fastrtc decodes it (Opus: 48 kHz)
 SAMPLING_NAMES = ("temp_text", "topk_text", "temp_audio", "topk_audio", "seed", "greedy")
 CALL_INPUT_NAMES = ("owner", "role", "voice", "custom_voice", "consent", *SAMPLING_NAMES, "mute")  # what a call reads
 PAGE_UP = "the page is up"  # logged with its address once the server listens
@@ -144,7 +145,10 @@ class ConversationHandler(AsyncStreamHandler):
     speaker; the session's state -> what the page shows."""
 
     def __init__(self, calls: Calls) -> None:
-        super().__init__(expected_layout="mono", output_sample_rate=SAMPLE_RATE, input_sample_rate=SAMPLE_RATE)
+        # Input at Opus's own 48 kHz: fastrtc then hands over each 20 ms packet as it comes (at
+        # 24 kHz its resampler would hold two back: 40 ms chunks, 20 ms later); HalfRate makes 24 kHz.
+        super().__init__(expected_layout="mono", output_sample_rate=SAMPLE_RATE, input_sample_rate=INPUT_RATE)
+        self._half_rate = HalfRate()
         self.calls = calls
         self.session = Session(calls.limits)
         self.view = CallView(max_turns=CAPTION_TURNS)
@@ -180,7 +184,9 @@ class ConversationHandler(AsyncStreamHandler):
             self.session.end("error", f"the call could not start: {exc}")
 
     async def receive(self, frame: tuple[int, np.ndarray]) -> None:
-        pcm = int16_to_float(frame[1].reshape(-1))
+        rate, samples = frame
+        assert rate == INPUT_RATE, f"fastrtc sent {rate} Hz, the handler asked for {INPUT_RATE}"
+        pcm = self._half_rate.push(int16_to_float(samples.reshape(-1)))
         self.session.push(np.zeros_like(pcm) if self._muted() else pcm)
 
     async def emit(self):

@@ -1,9 +1,14 @@
 """Engine: the loaded models on one device, a fixed number of conversation slots, batched steps.
 
 Implements `Engine`:
-  * `prepare_voice(name or pcm)` and `prompt(voice, role)`: a persona as `PromptFrames`;
+  * `voice(name)`, `voice_from_file`, `voice_from_audio` and `prompt(voice, role)`: a persona
+    as `PromptFrames`; `voice_pieces(pcm)`: a clip encoded a few frames at a time;
   * `start(slot, prompt, sampling)`: reset one slot (Mimi and LM state), give it its sampling
-    settings and run its system prompt, as one prefill or frame by frame;
+    settings and run its system prompt, as one prefill or frame by frame; `start_pieces`: the
+    prefill in pieces, run in states of their own and copied into the slot at the end, so that
+    ticks may step every slot in between;
+  * `move(src, dst)`: a conversation moved to another slot (a lone talker in a high slot would
+    make every tick step a large bucket);
   * `step(pcm)`: one 80 ms frame for every slot at once: Mimi encode of the user's audio, one
     LM step, Mimi decode of the agent's codes -> `Frame` (agent audio and text ids).
 Every state tensor has a leading slot dimension and every slot its own offsets, so slots start
@@ -13,6 +18,7 @@ and stop independently while the others keep talking. No host synchronisation in
 from __future__ import annotations
 
 import logging
+from collections.abc import Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,12 +30,26 @@ from .config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS
 from .generate import LMGen, PromptFrames, PromptPlan, plan_prompt
 from .graphs import StepGraphs, graphs_enabled
 from .loading import CheckpointError, Models, load_voice_embeddings
-from .persona import PromptError, VoicePrompt, build_prompt, encode_voice
+from .persona import PromptError, VoicePrompt, build_prompt, voice_frames
 from .sampling import SamplingParams
-from .streaming import SwappedStates, enable_streaming, installed, reset_slots, slot_mask, slot_states, slot_view
+from .streaming import (
+    SwappedStates,
+    copy_states,
+    enable_streaming,
+    fresh_states,
+    installed,
+    reset_slots,
+    slot_mask,
+    slot_states,
+    slot_view,
+)
 from .text import encode_role
 
 logger = logging.getLogger(__name__)
+
+PREFILL_PIECE_FRAMES = 16  # a piece of a prefill: a few ms of a GPU, so that it fits between two ticks
+VOICE_PIECE_FRAMES = 2  # a piece of a voice clip's encoding (Mimi on a CPU: about 4 ms a frame)
+_DONE = object()
 
 
 @dataclass
@@ -61,6 +81,9 @@ class Engine:
         enable_streaming(self.gen, num_slots)
         self._silence = torch.tensor(SILENCE_TOKENS, device=self.device)[None]  # [1, 8]
         self._views: dict[tuple[int, int], SwappedStates] = {}  # slot range -> its state views
+        # States of work in pieces, one slot's worth each, made here (a 7B's KV cache is 1.5 GB:
+        # not an allocation to make in the middle of live calls). Work of a kind runs one at a time.
+        self._own: dict[str, SwappedStates] = {"prefill": fresh_states(self.gen, 1), "voice": fresh_states(models.mimi, 1)}
         self._graphs: StepGraphs | None = None
         if graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs:
             self._graphs = self._capture_graphs()
@@ -85,9 +108,22 @@ class Engine:
         return self.voice_from_audio(read_audio(path))
 
     def voice_from_audio(self, pcm: np.ndarray) -> VoicePrompt:
-        normalised = torch.from_numpy(normalize_loudness(pcm)).to(self.device)
-        with torch.inference_mode():
-            return encode_voice(self.models.mimi, normalised)
+        """A voice prompt from audio at 24 kHz (normalised to -24 LUFS here)."""
+        return _finish(self.voice_pieces(normalize_loudness(pcm)))
+
+    @torch.inference_mode()
+    def voice_pieces(self, normalised: np.ndarray, frames: int = VOICE_PIECE_FRAMES) -> Generator[None, None, VoicePrompt]:
+        """The voice prompt of a clip already at -24 LUFS (`normalize_loudness`), `frames`
+        frames at a time: Mimi streams the clip in states of its own (streaming equals the
+        whole-clip encode), yielding between pieces."""
+        padded = voice_frames(torch.from_numpy(normalised)).to(self.device)  # [1, 1, F * 1920]
+        states = self._own_states("voice", self.models.mimi)
+        codes = []
+        for piece in padded.split(frames * FRAME_SIZE, dim=-1):
+            with installed(states):
+                codes.append(self.models.mimi.encode(piece))  # [1, 8, frames]
+            yield
+        return VoicePrompt(codes=torch.cat(codes, dim=-1)[0])
 
     def voice(self, name: str) -> VoicePrompt:
         """A voice of the checkpoint by name (looked up in the fixed table, never a path)."""
@@ -112,19 +148,55 @@ class Engine:
     def start(self, slot: int, prompt: PromptFrames | PromptPlan, sampling: SamplingParams, prefill: bool = True) -> None:
         """Reset `slot` and run its system prompt (one prefill, or frame by frame as the
         reference does); the other slots are not touched."""
-        if not 0 <= slot < self.num_slots:
-            raise ValueError(f"slot {slot} is not in 0..{self.num_slots - 1}")
-        if isinstance(prompt, PromptFrames) and (prefill or not 2 <= prompt.num_frames < self.models.config.lm.context):
-            prompt = self.plan(prompt)
+        self._check_slot(slot)
+        if prefill or isinstance(prompt, PromptPlan):
+            plan = prompt if isinstance(prompt, PromptPlan) else self.plan(prompt)
+            _finish(self.start_pieces(slot, plan, sampling, frames=plan.inputs.shape[1]))
+            return
         mask = slot_mask(self.num_slots, slot, self.device)
         reset_slots(self.models.mimi, mask)
         reset_slots(self.gen, mask)
         self.gen.set_sampling(mask, sampling)
         with slot_view(self.gen, slice(slot, slot + 1)):
-            if isinstance(prompt, PromptPlan):
-                self.gen.prefill(prompt)
-            else:
-                self.gen.run_prompt(prompt)
+            self.gen.run_prompt(prompt)
+
+    @torch.inference_mode()
+    def start_pieces(self, slot: int, plan: PromptPlan, sampling: SamplingParams,
+                     frames: int = PREFILL_PIECE_FRAMES) -> Iterator[None]:
+        """`start` with a prefill of `frames` frames per piece, yielding between pieces. The
+        prefill runs in states of its own; the slot is reset and takes them at the last piece,
+        so the slot may be stepped (with silence) meanwhile."""
+        self._check_slot(slot)
+        own = self._own_states("prefill", self.gen)
+        with installed(own):
+            self.gen.set_sampling(torch.ones(1, dtype=torch.bool, device=self.device), sampling)
+        pieces = self.gen.prefill_pieces(plan, frames)
+        while True:
+            with installed(own):  # the pieces run in their own states, never in a tick's
+                done = next(pieces, _DONE) is _DONE
+            if done:
+                break
+            yield
+        reset_slots(self.models.mimi, slot_mask(self.num_slots, slot, self.device))
+        copy_states(slot_states(self.gen, slice(slot, slot + 1)), own)
+
+    @torch.inference_mode()
+    def move(self, src: int, dst: int) -> None:
+        """The conversation of slot `src` continues in slot `dst` (every Mimi and LM state)."""
+        self._check_slot(src)
+        self._check_slot(dst)
+        copy_states(self._slot_range(dst, dst + 1), self._slot_range(src, src + 1))
+
+    def _check_slot(self, slot: int) -> None:
+        if not 0 <= slot < self.num_slots:
+            raise ValueError(f"slot {slot} is not in 0..{self.num_slots - 1}")
+
+    def _own_states(self, work: str, root: torch.nn.Module) -> SwappedStates:
+        """The states of `work` ("prefill" over the LM, "voice" over Mimi), reset."""
+        states = self._own[work]
+        with installed(states):
+            reset_slots(root, None)
+        return states
 
     def buckets(self) -> list[int]:
         """Batch sizes a tick may use: powers of two below `num_slots`, and `num_slots`."""
@@ -176,3 +248,12 @@ class Engine:
         codes = torch.where(out.valid[:, None], out.agent_codes, self._silence)
         agent = mimi.decode(codes[:, :, None])[:, 0]  # [B, 1920]
         return Frame(pcm=agent, tokens=out.tokens, valid=out.valid)
+
+
+def _finish(pieces: Generator[None, None, object] | Iterator[None]):  # -> the generator's return value
+    """Run work in pieces to its end, at once."""
+    while True:
+        try:
+            next(pieces)
+        except StopIteration as stop:
+            return stop.value

@@ -6,7 +6,8 @@ Implements the PersonaPlex step of the reference's `LMGen` for a batch of indepe
     sampled fills the target column where nothing was given;
   * `step(user_codes)`: one live frame -> `StepOutput` (text, agent and user tokens of one
     complete undelayed frame); `step_forced(frame)`: one prompt frame, everything given;
-  * `prefill(plan)`: a whole prompt in one causal forward (see `plan_prompt`);
+  * `prefill(plan)`: a whole prompt in one causal forward (see `plan_prompt`), or in pieces
+    (`prefill_pieces`) that leave exactly the same state;
   * per-slot sampling settings and random streams (`set_sampling`).
 
 Frame timing (REFERENCE_SPEC 4.3): the transformer at offset o reads ring column o-1 and
@@ -19,6 +20,7 @@ the first prompt frame. Offsets are per-slot tensors: slots join and leave indep
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -243,12 +245,22 @@ class LMGen(StreamingModule):
     def prefill(self, plan: PromptPlan) -> None:
         """Run a whole prompt as one causal forward and leave the ring as stepping would.
         Use on one slot (`slot_view`) right after its reset."""
+        for _ in self.prefill_pieces(plan, plan.inputs.shape[1]):
+            pass
+
+    def prefill_pieces(self, plan: PromptPlan, frames: int) -> Iterator[None]:
+        """`prefill` as causal forwards of `frames` frames each, yielding after each one but the
+        last (the KV cache makes the pieces exact: each attends over the ones before it)."""
         ring, lm = self.ring, self.lm
         x = lm.embed(plan.inputs.to(ring.cache.device)[None])  # [1, F - 1, dim]
         if plan.embeddings is not None:
             n = plan.embeddings.shape[0]
             x = torch.cat([plan.embeddings.to(x)[None], x[:, n:]], dim=1)
-        lm.forward_embeddings(x.expand(ring.offset.shape[0], -1, -1))
+        pieces = x.split(frames, dim=1)
+        for i, piece in enumerate(pieces):
+            lm.forward_embeddings(piece.expand(ring.offset.shape[0], -1, -1))
+            if i < len(pieces) - 1:
+                yield
         ring.cache.copy_(plan.cache)
         ring.provided.copy_(plan.provided)
         ring.offset.fill_(plan.offset)

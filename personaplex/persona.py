@@ -3,7 +3,7 @@
 Implements:
   * `VoicePrompt`: a voice as Mimi codes of its audio, or as the reference's saved `.pt`
     (the input embeddings of frames 1..N-1 and the token ring after the voice);
-  * `encode_voice(mimi, pcm)`: audio (24 kHz, already loudness-normalised) -> `VoicePrompt`;
+  * `voice_frames(pcm)`: a voice clip as Mimi's input (`Engine.voice_pieces` encodes it);
   * `build_prompt(voice, role_tokens, cfg)`: the PersonaPlex system prompt (REFERENCE_SPEC 4.6):
     the voice, 0.5 s of silence, the role text, 0.5 s of silence. During all of it the user
     stream carries the "sine" tokens and the agent's text is padding, except for the role
@@ -27,8 +27,6 @@ from .config import (
 )
 from .errors import UserError
 from .generate import RING_SIZE, PromptFrames
-from .mimi import Mimi
-from .streaming import detached
 
 
 class PromptError(UserError):
@@ -68,20 +66,14 @@ def voice_from_saved(embeddings: torch.Tensor, cache: torch.Tensor, cfg: LMConfi
     return VoicePrompt(embeddings=embeddings[:, 0, 0], ring=cache[0].long())
 
 
-def encode_voice(mimi: Mimi, pcm: torch.Tensor) -> VoicePrompt:
-    """pcm [T] float32 at 24 kHz, loudness-normalised -> the voice's Mimi codes.
-
-    The last frame is zero-padded. The clip is encoded in one pass, from no state: with the
-    exact attention window this equals the reference's frame-by-frame streaming encode.
-    """
+def voice_frames(pcm: torch.Tensor) -> torch.Tensor:
+    """A voice clip [T] float32 at 24 kHz as Mimi's input [1, 1, F * 1920], the last frame zero-padded."""
     if pcm.dim() != 1 or pcm.numel() == 0:
         raise PromptError("voice audio must be a non-empty mono clip")
     frames = -(-pcm.numel() // FRAME_SIZE)
     padded = torch.zeros(frames * FRAME_SIZE, dtype=torch.float32, device=pcm.device)
     padded[: pcm.numel()] = pcm
-    with detached(mimi):
-        codes = mimi.encode(padded.view(1, 1, -1))  # [1, 8, N]
-    return VoicePrompt(codes=codes[0])
+    return padded.view(1, 1, -1)
 
 
 def build_prompt(voice: VoicePrompt, role_tokens: list[int], cfg: LMConfig) -> PromptFrames:

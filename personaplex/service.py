@@ -30,7 +30,7 @@ from .audio import AudioError, normalize_loudness, read_audio, write_wav
 from .config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
 from .engine import Engine
 from .errors import SettingsError, UserError
-from .generate import PromptFrames
+from .generate import PromptPlan
 from .lm import LMModel
 from .loading import CheckpointError, Models, load_models, resolve_checkpoint
 from .persona import VoicePrompt
@@ -49,6 +49,7 @@ PREVIEW_SECONDS = 4.0  # a voice's preview: the model's first words on this much
 PREVIEW_SEED = 1
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 CUSTOM_VOICE_PREFIX = "custom:"
+MAX_PLANS = 64  # persona prompts kept ready (the presets, and recent custom roles)
 SLOT_MEMORY_RESERVE = 4 * 1024**3  # activations, CUDA graphs, allocator slack
 
 
@@ -118,6 +119,7 @@ class Service:
         self._status = Status(State.STARTING, "starting")
         self._voices: dict[str, VoicePrompt] = {}
         self._custom: OrderedDict[str, VoicePrompt] = OrderedDict()
+        self._plans: OrderedDict[tuple[str, str], PromptPlan] = OrderedDict()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._when_ready: list[Callable[[], None]] = []
@@ -188,7 +190,7 @@ class Service:
         weights = 2 * sum(_lm_parameter_count(self.config).values())  # bf16 bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
-            need = weights + slot_bytes(self.config, torch.bfloat16) + SLOT_MEMORY_RESERVE // 2
+            need = weights + 2 * slot_bytes(self.config, torch.bfloat16) + SLOT_MEMORY_RESERVE // 2  # a slot, and a prefill's
             if free < need:
                 raise CheckpointError(
                     f"this GPU has {free / 2**30:.1f} GB free of {total / 2**30:.1f} GB; the model needs about "
@@ -273,11 +275,12 @@ class Service:
         if seconds < low:
             raise AudioError(f"the clip is {seconds:.1f} s long; use at least {low:g} s of speech")
         clip = self.files.cached(key.removeprefix(CUSTOM_VOICE_PREFIX) + ".wav")
-        write_wav(clip, normalize_loudness(pcm))  # what the model will hear, to play back
+        normalised = normalize_loudness(pcm)
+        write_wav(clip, normalised)  # what the model will hear, to play back
         with self._lock:
             if key in self._custom:
                 return CustomVoice(key, seconds, clip)
-        voice = worker.call(lambda: engine.voice_from_audio(pcm)).result()
+        voice = worker.run(engine.voice_pieces(normalised)).result()  # between ticks, a few frames at a time
         with self._lock:
             self._custom[key] = voice
             while len(self._custom) > 64:
@@ -307,11 +310,24 @@ class Service:
         return EngineFigures(live, engine.num_slots, tick_ms)
 
     # --- conversations ------------------------------------------------------------------
-    def prompt(self, voice: str, role: str) -> PromptFrames:
+    def plan(self, voice: str, role: str) -> PromptPlan:
+        """The persona's prompt, ready for the engine: made once per voice and role (host work
+        that would otherwise hold the interpreter while the engine thread ticks)."""
         engine, _ = self._require_ready()
         if len(role) > MAX_ROLE_CHARS:
             raise SettingsError(f"the role prompt is {len(role)} characters; the limit is {MAX_ROLE_CHARS}")
-        return engine.prompt(self.voice(voice), role)
+        key = (voice, role)
+        with self._lock:
+            plan = self._plans.get(key)
+            if plan is not None:
+                self._plans.move_to_end(key)
+                return plan
+        plan = engine.plan(engine.prompt(self.voice(voice), role))
+        with self._lock:
+            self._plans[key] = plan
+            while len(self._plans) > MAX_PLANS:
+                self._plans.popitem(last=False)
+        return plan
 
     def describe(self, text_id: int) -> str:
         """The words of one text id, as people read them."""
@@ -320,7 +336,7 @@ class Service:
     def start_call(self, session: Session, voice: str, role: str, sampling: SamplingParams) -> None:
         """Give a live session its persona and a slot; raises `UserError`s (busy, bad voice...)."""
         _, worker = self._require_ready()
-        worker.open(session, self.prompt(voice, role), sampling, self.describe)
+        worker.open(session, self.plan(voice, role), sampling, self.describe)
 
     def run_offline(
         self,
@@ -335,7 +351,7 @@ class Service:
         if user_pcm.size == 0:
             raise AudioError("the recording is empty")
         session = Session(OFFLINE)
-        worker.open(session, self.prompt(voice, role), sampling, self.describe)
+        worker.open(session, self.plan(voice, role), sampling, self.describe)
         session.push(user_pcm, final=True)
         total = session.stats.frames_in
         agent: list[np.ndarray] = []
@@ -379,8 +395,10 @@ def slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
 
 
 def suggest_slots(config: ModelConfig, dtype: torch.dtype, device: torch.device, cap: int = 64) -> int:
-    """As many slots as the free device memory holds (after the weights), at most `cap`."""
+    """As many slots as the free device memory holds (after the weights), at most `cap`. One
+    slot's worth more is kept for the engine's own work: a prompt is prefilled in states of its
+    own before it is copied into its slot (`Engine.start_pieces`)."""
     if device.type != "cuda":
         return 4
     free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(cap, int((free - SLOT_MEMORY_RESERVE) // slot_bytes(config, dtype))))
+    return max(1, min(cap, int((free - SLOT_MEMORY_RESERVE) // slot_bytes(config, dtype)) - 1))

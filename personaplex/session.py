@@ -15,20 +15,30 @@ Implements:
     One idle timeout and an optional time limit end the session; the engine thread checks them
     too, so a vanished client cannot keep a slot. The text and the recording are built on the
     threads that push and take audio, never on the engine thread.
-  * `Limits` (`REALTIME`, `OFFLINE`), `Ending`, `Output`, `SessionStats`.
+  * Framing aligned to the engine's tick: a real-time session watches when its client's chunks
+    arrive over its first half second, then shifts where its 80 ms frames begin, once, by
+    putting up to one frame of zeros in front of the next samples (every sample is kept, in
+    order), so that its frames are complete just before the engine's ticks (`TickGrid`): the
+    wait for the tick is then at most one of the client's chunks, whatever its phase (and
+    `EngineWorker` moves its ticks to a call that is alone, so that even that goes).
+  * `Limits` (`REALTIME`, `OFFLINE`), `TickGrid`, `Ending`, `Output`, `SessionStats`.
 
 The engine thread sees a session only through `_take` (its input for a tick) and `_deliver`
 (the tick's answer), which `EngineWorker` calls. A tick that finds no input steps the slot with
 silence (the other slots cannot wait); its answer has no input frame to answer and is dropped.
+A tick takes one frame; a backlog (a late frame, a burst after a network stall) would leave the
+call late for good, so quiet backlog frames are skipped, and beyond `Limits.max_queued` frames
+the oldest go unheard.
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import math
 import threading
 import time
-from collections import deque
+from collections import defaultdict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -38,7 +48,7 @@ import numpy as np
 from .audio import FrameBuffer
 from .config import FRAME_RATE, FRAME_SIZE
 from .recording import CallRecording
-from .transcript import FRAME_S
+from .transcript import FRAME_S, SILENT_DB, SPEECH_DB, level_db
 
 if TYPE_CHECKING:
     from .worker import EngineWorker
@@ -46,6 +56,11 @@ if TYPE_CHECKING:
 SILENCE = np.zeros(FRAME_SIZE, dtype=np.float32)
 GAP_TOLERANCE_S = 0.5  # input that pauses longer than this leaves silence in the recording
 UNBOUND_BACKLOG = 125  # frames kept for the recording before a session has one (10 s)
+ALIGN_MIN_CHUNKS = 3  # chunk arrivals seen before going live that are enough to shift the framing then
+ALIGN_WATCH_S = 0.5  # otherwise the arrivals are watched this long, live
+ALIGN_MAX_CHUNKS = 64
+ALIGN_LEAD_S = 0.005  # a frame should be complete this long before its tick (jitter of the pushes)
+ALIGN_QUANTILE = 0.95  # of the observed waits: jitter beyond it costs a late frame now and then
 
 
 @dataclass(frozen=True)
@@ -55,12 +70,28 @@ class Limits:
     stall_s: float = 2.0  # an answer the engine started is waited for this much longer
     burst_frames: int = 4  # input accepted ahead of real time
     max_pending: int = 8  # answered frames kept for a consumer that does not fetch them
+    max_queued: int = 4  # input frames waiting for the engine; beyond, the oldest go unheard
     idle_timeout_s: float = 3.0  # no input this long: the client is gone
     time_limit_s: float | None = None
 
 
 REALTIME = Limits()
 OFFLINE = Limits(realtime=False, idle_timeout_s=float("inf"))
+
+
+@dataclass(frozen=True)
+class TickGrid:
+    """The engine's tick times while real-time calls are live: epoch + k * period."""
+
+    epoch: float
+    period_s: float = 1 / FRAME_RATE
+
+    def after(self, t: float) -> float:
+        """The first grid point later than `t`."""
+        return self.epoch + (math.floor((t - self.epoch) / self.period_s) + 1) * self.period_s
+
+    def at_or_after(self, t: float) -> float:
+        return self.epoch + math.ceil((t - self.epoch) / self.period_s) * self.period_s
 
 
 class Phase(enum.Enum):
@@ -94,6 +125,7 @@ class SessionStats:
     silent_out: int = 0  # of them, silence because the model had no answer in time
     dropped_out: int = 0  # answered frames the consumer did not take in time
     idle_ticks: int = 0  # ticks that found no input from this session (the model heard silence)
+    trimmed: int = 0  # quiet frames skipped to catch up with a backlog (not counted as unheard)
 
     def copy(self) -> SessionStats:
         return replace(self)
@@ -113,6 +145,7 @@ class _Frame:
     state: _State = _State.DONE
     agent: np.ndarray | None = None  # [1920] the model's answer; None: silence
     text_id: int | None = None
+    trimmed: bool = False  # skipped in a pause to catch up with a backlog
 
 
 @dataclass
@@ -144,6 +177,10 @@ class Session:
         self._describe: Callable[[int], str] = lambda _: ""
         self._waiters = _Waiters()
         self._worker: EngineWorker | None = None
+        self._arrivals: list[tuple[float, int]] = []  # (time, samples received) after each chunk, until aligned
+        self._received = 0  # samples pushed by the client
+        self._model_db = SILENT_DB  # loudness of the model's latest answer
+        self.framing_shift: int | None = None if limits.realtime else 0  # zeros put in front of the frames, once
         self.slot: int | None = None
         self.prompt_frames = 0
         self.phase = Phase.WAITING
@@ -165,6 +202,7 @@ class Session:
                 return
             self._last_input = now
             frames = self._framer.push(pcm)
+            frames += self._align(now, pcm.size)
             if final and self._framer.pending:
                 frames += self._framer.push(np.zeros(FRAME_SIZE - self._framer.pending, dtype=np.float32))
             for frame in frames:
@@ -279,11 +317,19 @@ class Session:
             if self.phase is Phase.WAITING:
                 self.phase = Phase.STARTING
 
-    def _go_live(self) -> None:
+    def _go_live(self) -> float | None:
+        """The prompt has run. Shifts the framing if enough chunks came meanwhile and returns
+        how long its frames will then wait for a tick (None: not shifted yet)."""
+        wait = None
         with self._cond:
             if self.phase is Phase.STARTING:
+                if len(self._arrivals) >= ALIGN_MIN_CHUNKS:  # shift now: nothing is queued for the engine yet
+                    frames, wait = self._shift_framing()
+                    for frame in frames:
+                        self._accept(frame, self._clock())
                 self.phase = Phase.LIVE
                 self._last_input = self._clock()
+        return wait
 
     def _input_state(self, now: float) -> float | None:
         """Arrival time of the oldest frame waiting for the engine (None: nothing waits)."""
@@ -297,6 +343,8 @@ class Session:
             self._withdraw_late(now)
             if not self._queue or self.phase is not Phase.LIVE:
                 return None
+            if self.limits.realtime:
+                self._trim_backlog(now)
             frame = self._queue.popleft()
             frame.state = _State.TAKEN
             self._taken = frame
@@ -310,6 +358,7 @@ class Session:
                 self.stats.idle_ticks += 1  # a tick without input: nothing to answer
             elif frame.state is _State.TAKEN:
                 frame.agent, frame.text_id, frame.state = pcm, text_id, _State.DONE
+                self._model_db = level_db(pcm)
                 self._cond.notify_all()
             # else: given up on (a stalled engine) or dropped meanwhile, and counted there
         self._waiters.wake()
@@ -331,6 +380,43 @@ class Session:
         else:
             self.stats.unheard += 1  # the system prompt is loading
         self._frames.append(frame)
+
+    def _align(self, now: float, samples: int) -> list[np.ndarray]:
+        """Watch the client's chunks arrive. The framing is shifted when the session goes live
+        (`_go_live`), or, if the client had not sent enough by then, once it has been watched
+        for `ALIGN_WATCH_S`. Returns the frames a shift completed."""
+        self._received += samples
+        if self.framing_shift is not None:
+            return []
+        self._arrivals.append((now, self._received))
+        del self._arrivals[:-ALIGN_MAX_CHUNKS]
+        if self.phase is not Phase.LIVE or now - self._arrivals[0][0] < ALIGN_WATCH_S:
+            return []
+        return self._shift_framing()[0]
+
+    def _shift_framing(self) -> tuple[list[np.ndarray], float]:
+        """Put the zeros of `best_shift` in front of the next samples: the frames they complete,
+        and the wait for a tick the frames will have."""
+        assert self._worker is not None
+        self.framing_shift, wait = best_shift(self._arrivals, self._worker.grid)
+        self._arrivals.clear()
+        return self._framer.push(np.zeros(self.framing_shift, dtype=np.float32)), wait
+
+    def _trim_backlog(self, now: float) -> None:
+        """A tick takes one frame, so a frame more than the tick's (after a late frame or a
+        burst) would stay for good: a backlog frame that has waited a whole tick is skipped
+        when neither side is speaking (nobody misses anything: the model hears 80 ms less of
+        the pause and answers it with silence), and beyond `max_queued` frames the oldest go
+        unheard whatever they hold."""
+        while len(self._queue) > 1 and now - self._queue[0].arrived > FRAME_S:
+            forced = len(self._queue) > self.limits.max_queued
+            head = self._queue[0]
+            if not forced and (level_db(head.user) > SPEECH_DB or self._model_db > SPEECH_DB):
+                return  # someone is speaking: wait for a pause
+            self._queue.popleft().state = _State.DONE
+            head.trimmed = not forced
+            self.stats.unheard += forced
+            self.stats.trimmed += not forced
 
     def _withdraw_late(self, now: float) -> None:
         """Frames the engine can no longer answer in time are answered with silence."""
@@ -365,7 +451,7 @@ class Session:
         frame = self._frames.popleft()
         self._to_record.append(frame)
         self.stats.frames_out += 1
-        self.stats.silent_out += frame.agent is None
+        self.stats.silent_out += frame.agent is None and not frame.trimmed
         return frame
 
     def _next_due(self, now: float) -> float:
@@ -404,6 +490,23 @@ class Session:
         self._recorded_until = max(self._recorded_until, frame.arrived) + FRAME_S
         text = self._describe(frame.text_id) if frame.text_id is not None else ""
         recording.add(frame.user, frame.agent, text)
+
+
+def best_shift(arrivals: list[tuple[float, int]], grid: TickGrid) -> tuple[int, float]:
+    """Zeros to put in front of the next samples so that frames end where the client's chunks
+    end that arrive closest before a tick (`ALIGN_LEAD_S` ahead, for `ALIGN_QUANTILE` of them),
+    and the wait for the tick those chunks have.
+
+    arrivals: (arrival time, samples received so far) after each chunk. A frame completes with
+    the chunk that brings its last sample; after a shift of p zeros, frames end at the sample
+    counts n with n + p = 0 (mod 1920). For each possible end n (mod 1920) the waits from the
+    chunks' arrivals to the first tick `ALIGN_LEAD_S` later are compared."""
+    waits: dict[int, list[float]] = defaultdict(list)
+    for t, received in arrivals:
+        waits[received % FRAME_SIZE].append(grid.after(t + ALIGN_LEAD_S) - t)
+    quantiles = {end: float(np.quantile(w, ALIGN_QUANTILE)) for end, w in waits.items()}
+    best = min(quantiles, key=lambda end: (quantiles[end], end))
+    return (-best) % FRAME_SIZE, quantiles[best]
 
 
 def _minutes(seconds: float) -> str:

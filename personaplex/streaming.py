@@ -11,7 +11,10 @@ Implements:
   * `reset_slots(module, mask)`: reset the chosen slots of a whole tree.
   * `slot_view(module, index)`: run a tree on some slots only (a prefill, a bucket of slots),
     writing through to the full state; `slot_states` + `installed` do the same with views kept
-    from one tick to the next; `detached(module)`: run it on a whole clip meanwhile.
+    from one tick to the next; `detached(module)`: run it on a whole clip meanwhile;
+  * `fresh_states(module, n)`: states of its own for a tree (work that must not touch the
+    slots until it is done: a prompt prefilled in pieces, a voice encoded in pieces), and
+    `copy_states(dst, src)` to move such states into a slot, or one slot into another.
 """
 
 from __future__ import annotations
@@ -109,6 +112,31 @@ def installed(states: SwappedStates) -> Iterator[None]:
     finally:
         for module, state in saved:
             module.state = state
+
+
+def fresh_states(root: nn.Module, batch_size: int) -> SwappedStates:
+    """New states for every streaming module of `root`, reset, for use with `installed`."""
+    states: SwappedStates = []
+    for module in _streaming_modules(root):
+        state = module.make_state(batch_size)
+        if state is not None:
+            first = getattr(state, fields(state)[0].name)  # type: ignore[arg-type]
+            state.reset(torch.ones(batch_size, dtype=torch.bool, device=first.device))
+        states.append((module, state))
+    return states
+
+
+def copy_states(dst: SwappedStates, src: SwappedStates) -> None:
+    """Copy every tensor of `src` into `dst` in place (same modules, same number of slots), so
+    that views, CUDA graphs and other holders of `dst`'s tensors see the new values."""
+    assert len(dst) == len(src), "states of different trees"
+    for (module, to), (other, from_) in zip(dst, src, strict=True):
+        assert module is other, "states of different modules"
+        if to is None or from_ is None:
+            assert to is from_, "a state on one side only"
+            continue
+        for f in fields(to):  # type: ignore[arg-type]
+            getattr(to, f.name).copy_(getattr(from_, f.name))
 
 
 def slot_view(root: nn.Module, index: slice):  # -> context manager

@@ -1,18 +1,24 @@
 """EngineWorker: one thread owns the device and steps every live conversation together.
 
 Implements:
-  * `EngineWorker`: the engine thread. Between ticks it runs queued jobs (a session's system
-    prompt, a custom voice's encoding); each tick it takes one input frame from every live
+  * `EngineWorker`: the engine thread. Each tick it takes one input frame from every live
     session and runs one batched `Engine.step` over the smallest slot range that holds them,
-    then hands each session its answer. It runs no app code: a session's consumers build text
-    and recordings on their own threads (`personaplex.session`);
+    then hands each session its answer. Between ticks it runs jobs (a session's system prompt,
+    a custom voice's encoding) in pieces, as many as fit before the next tick, and moves a
+    conversation to a lower slot when that shrinks every tick's bucket. It runs no app code: a
+    session's consumers build text and recordings on their own threads (`personaplex.session`);
   * `Busy`: every slot is taken.
 
-A tick starts once every live real-time session has a frame, or when the oldest waiting frame
-has waited `max_wait_s` (a late client then hears silence for one tick instead of holding the
-others back). Sessions fed from a recording never hold a tick back. The worker also ends
-sessions whose client went quiet or whose time is up (`Session.check_limits`), so a vanished
-consumer cannot keep a slot.
+The schedule. While a real-time session is live, ticks keep to a fixed grid (`TickGrid`, one
+point every 80 ms): a tick runs at the first grid point where some session has a frame, and
+each real-time session shifts its framing once so that its frames are complete just before
+the grid points (`Session`), so no session waits for another; a call that is alone moves the
+grid to its own frames. A session whose frame is late
+hears silence for that tick; nobody waits for it. With only sessions fed from a recording
+(offline runs, voice previews), ticks run back to back. A job's pieces run in the time left
+before the next tick; one piece always runs after a tick (and after a period without one), so a
+job moves on even when no piece fits. The worker also ends sessions whose client went quiet or whose time is up
+(`Session.check_limits`), so a vanished consumer cannot keep a slot.
 """
 
 from __future__ import annotations
@@ -21,8 +27,9 @@ import collections
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Generator, Iterator
 from concurrent.futures import Future
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -31,25 +38,60 @@ import torch
 from .config import FRAME_SIZE
 from .engine import Engine
 from .errors import UserError
-from .generate import PromptFrames
+from .generate import PromptPlan
 from .sampling import SamplingParams
-from .session import Phase, Session
+from .session import ALIGN_LEAD_S, Phase, Session, TickGrid
 
 logger = logging.getLogger(__name__)
+
+IDLE_POLL_S = 0.5  # with nothing to do, limits are still checked this often
+PIECE_GUARD_S = 0.001  # a piece must end this long before the next tick to run before it
+GRID_STEP_MIN_S = 0.001  # a lone call's frames waiting less than this longer than needed: the grid stays
+GRID_FIT_MARGIN_S = 0.003  # when the grid moves to a lone call, room for the next calls' pushes to come a little later
 
 
 class Busy(UserError):
     """No free conversation slot."""
 
 
+@dataclass(eq=False)
+class _Job:
+    """Work for the engine thread in pieces; `future` gets the generator's return value."""
+
+    pieces: Iterator[Any]
+    future: Future
+    urgent: bool = False
+    piece_s: float = 0.0  # the longest piece so far: what the next one is expected to take
+    started: bool = False
+
+
+def _once(fn: Callable[[], Any]) -> Generator[None, None, Any]:
+    """A job of one piece."""
+    yield from ()
+    return fn()
+
+
+@dataclass
+class _Plan:
+    """What the engine thread does next: a tick over `live`, a piece of `job`, or stop."""
+
+    live: list[Session] = field(default_factory=list)
+    job: _Job | None = None
+    stop: bool = False
+
+
 class EngineWorker:
-    def __init__(self, engine: Engine, max_wait_s: float = 0.1) -> None:
+    def __init__(self, engine: Engine, grid: TickGrid | None = None, clock: Callable[[], float] = time.monotonic) -> None:
         self.engine = engine
-        self.max_wait_s = max_wait_s
+        self.grid = grid or TickGrid(epoch=clock())
         self.last_tick_ms = 0.0
+        self._clock = clock
         self._cond = threading.Condition()
-        self._jobs: collections.deque[tuple[Callable[[], Any], Future]] = collections.deque()
+        self._jobs: collections.deque[_Job] = collections.deque()
         self._sessions: dict[int, Session] = {}  # slot -> session
+        self._due = -float("inf")  # no tick before this grid point (the one after the last tick)
+        self._pieces_since_tick = 0
+        self._last_tick = -float("inf")
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="personaplex-engine", daemon=True)
         self._thread.start()
@@ -57,20 +99,27 @@ class EngineWorker:
     # --- used from other threads ---------------------------------------------------------
     def call(self, fn: Callable[[], Any]) -> Future:
         """Run `fn` on the engine thread between two ticks; its result comes through the future."""
+        return self.run(_once(fn))
+
+    def run(self, pieces: Iterator[Any], urgent: bool = False) -> Future:
+        """Run a generator on the engine thread, one step (piece) at a time between ticks; its
+        return value comes through the future. Jobs run one after another, in order, except
+        that an urgent one (a caller waiting to hear the model: a system prompt) goes ahead
+        of the others, between two of their pieces. Urgent jobs must not share state with the
+        others (prompts use their own, see `Engine.start_pieces`)."""
         future: Future = Future()
         with self._cond:
             if self._stopping:
                 raise RuntimeError("the engine is stopped")
-            self._jobs.append((fn, future))
+            self._jobs.append(_Job(pieces, future, urgent=urgent))
             self._cond.notify()
         return future
 
-    def open(self, session: Session, prompt: PromptFrames, sampling: SamplingParams, describe: Callable[[int], str]) -> None:
-        """Give `session` a slot and queue its system prompt; it goes live once the prompt has
-        run. Raises `Busy` when every slot is taken; a prompt failing on the engine thread ends
-        the session with reason "error". `describe` turns a text id into words (on the
-        session's threads)."""
-        plan = self.engine.plan(prompt)  # host work, here rather than between two ticks
+    def open(self, session: Session, plan: PromptPlan, sampling: SamplingParams, describe: Callable[[int], str]) -> None:
+        """Give `session` a slot and queue its system prompt (`Engine.plan`); it goes live once
+        the prompt has run. Raises `Busy` when every slot is taken; a prompt failing on the
+        engine thread ends the session with reason "error". `describe` turns a text id into
+        words (on the session's threads)."""
         with self._cond:
             if session.phase is Phase.ENDED:
                 return
@@ -80,18 +129,21 @@ class EngineWorker:
             session._bind(self, free[0], plan.offset, describe)
             self._sessions[free[0]] = session
 
-        def start() -> None:
+        def start() -> Generator[None, None, None]:
             if session.phase is Phase.ENDED:  # ended before its turn: its slot may be someone else's now
                 return
             try:
-                self.engine.start(session.slot, plan, sampling)  # type: ignore[arg-type]
+                yield from self.engine.start_pieces(session.slot, plan, sampling)  # type: ignore[arg-type]
             except Exception as exc:
                 logger.exception("session in slot %s: its system prompt failed", session.slot)
                 session.end("error", f"the call could not start: {exc}")
                 raise
-            session._go_live()
+            if session.phase is not Phase.ENDED:
+                wait = session._go_live()
+                if wait is not None:
+                    self._fit_grid(session, wait)
 
-        self.call(start)
+        self.run(start(), urgent=True)
 
     def wake(self) -> None:
         """A session has input: look at the schedule again."""
@@ -123,40 +175,65 @@ class EngineWorker:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                job, live = self._next_work()
-                if job is None and live is None:
+                plan = self._next_work()
+                if plan.stop:
                     return
-                if job is not None:
-                    fn, future = job
-                    if future.set_running_or_notify_cancel():
-                        try:
-                            future.set_result(fn())
-                        except BaseException as exc:  # reported through the future
-                            future.set_exception(exc)
-                    continue
-                assert live is not None
-                self._tick(live)
+                if plan.job is not None:
+                    self._piece(plan.job)
+                else:
+                    self._tick(plan.live)
+                    self._compact()
 
-    def _next_work(self) -> tuple[tuple[Callable[[], Any], Future] | None, list[Session] | None]:
-        """Block until there is a job or a tick to run; (None, None) when stopping."""
+    def _next_work(self) -> _Plan:
+        """Block until there is a tick or a piece of a job to run."""
         with self._cond:
             while True:
                 if self._stopping:
-                    return None, None
-                if self._jobs:
-                    return self._jobs.popleft(), None
+                    return _Plan(stop=True)
                 for session in list(self._sessions.values()):
                     session.check_limits()
-                now = time.monotonic()
+                now = self._clock()
                 live = [s for s in self._sessions.values() if s.phase is Phase.LIVE]
-                oldest = {s: s._input_state(now) for s in live}
-                pending = [t for t in oldest.values() if t is not None]
-                if pending:
-                    waiting = any(s.limits.realtime and oldest[s] is None for s in live)
-                    if not waiting or now - min(pending) >= self.max_wait_s:
-                        return None, live
-                timeout = self.max_wait_s if pending else 0.5
-                self._cond.wait(timeout=timeout / 2)
+                realtime = any(s.limits.realtime for s in live)
+                pending = any(s._input_state(now) is not None for s in live)
+                if pending and (not realtime or now >= self._due):
+                    return _Plan(live=live)
+                next_tick = self._next_tick(now, pending) if realtime else (now if pending else float("inf"))
+                job = next((j for j in self._jobs if j.urgent), self._jobs[0] if self._jobs else None)
+                if job is not None and (self._pieces_since_tick == 0 or now - self._last_tick >= self.grid.period_s
+                                        or now + job.piece_s <= next_tick - PIECE_GUARD_S):
+                    return _Plan(job=job)
+                self._cond.wait(timeout=max(0.0, min(next_tick - now, IDLE_POLL_S)))
+
+    def _next_tick(self, now: float, pending: bool) -> float:
+        """When the next real-time tick runs: at the due grid point if a frame waits, else at
+        the first grid point from then or now (frames are aligned to come just before it)."""
+        if pending:
+            return self._due
+        return self.grid.at_or_after(max(self._due, now))
+
+    def _piece(self, job: _Job) -> None:
+        """One piece of `job`; the job leaves the queue when it is done or fails."""
+        if not job.started:
+            job.started = True
+            if not job.future.set_running_or_notify_cancel():
+                self._finish(job)
+                return
+        begun = time.perf_counter()
+        try:
+            next(job.pieces)
+        except StopIteration as done:
+            job.future.set_result(done.value)
+            self._finish(job)
+        except BaseException as exc:  # reported through the future
+            job.future.set_exception(exc)
+            self._finish(job)
+        job.piece_s = max(job.piece_s, time.perf_counter() - begun)
+        self._pieces_since_tick += 1
+
+    def _finish(self, job: _Job) -> None:
+        with self._cond:
+            self._jobs.remove(job)
 
     def _wait_for_device(self) -> None:
         """Let the GPU finish the tick while this thread sleeps, so that the event loop serving
@@ -168,9 +245,11 @@ class EngineWorker:
                 time.sleep(0.0002)
 
     def _tick(self, live: list[Session]) -> None:
+        now = self._clock()
+        self._due = self.grid.after(now)
+        self._last_tick, self._pieces_since_tick = now, 0
         bucket = self.engine.bucket_for(max(s.slot for s in live) + 1)  # type: ignore[type-var]
         batch = np.zeros((bucket, FRAME_SIZE), dtype=np.float32)
-        now = time.monotonic()
         for session in live:
             frame = session._take(now)
             if frame is not None:
@@ -183,3 +262,34 @@ class EngineWorker:
         self.last_tick_ms = (time.perf_counter() - start) * 1000
         for session in live:
             session._deliver(pcm[session.slot].copy(), int(text[session.slot]))
+
+    def _fit_grid(self, session: Session, wait: float) -> None:
+        """A real-time call that is alone moves the ticks to its frames: they come `wait` after
+        its frames are complete, `ALIGN_LEAD_S` (and a margin for the calls that align to it
+        later) is enough. With other calls live the grid stays (they are aligned to it)."""
+        with self._cond:
+            others = [s for s in self._sessions.values() if s is not session and s.phase is Phase.LIVE and s.limits.realtime]
+            earlier = wait - ALIGN_LEAD_S - GRID_FIT_MARGIN_S
+            if others or not session.limits.realtime or earlier < GRID_STEP_MIN_S:
+                return
+            self.grid = TickGrid(epoch=self.grid.epoch - earlier, period_s=self.grid.period_s)
+            self._due = self.grid.after(self._last_tick) if self._last_tick > -float("inf") else self._due
+
+    def _compact(self) -> None:
+        """Move the live conversation in the highest slot to the lowest free one when that
+        makes the bucket of every tick smaller (a copy of one slot's state)."""
+        with self._cond:
+            if not self._sessions:
+                return
+            top = max(self._sessions)
+            free = [s for s in range(top) if s not in self._sessions]
+            session = self._sessions[top]
+            if not free or session.phase is not Phase.LIVE:
+                return
+            engine = self.engine
+            if engine.bucket_for(len(self._sessions)) >= engine.bucket_for(top + 1):
+                return
+            engine.move(top, free[0])
+            del self._sessions[top]
+            self._sessions[free[0]] = session
+            session.slot = free[0]

@@ -20,7 +20,8 @@ from personaplex.session import REALTIME, Limits
 
 from .helpers import ROOT, start_tiny_service
 
-CHUNK = 960  # what fastrtc hands `receive` at 24 kHz: 40 ms
+CHUNK = 960  # what fastrtc hands `receive` at the handler's 48 kHz: one 20 ms packet
+CHUNK_S = CHUNK / app.INPUT_RATE
 OWNER = "page-token-1"
 GOOD = {"owner": OWNER, "role": "You enjoy having a good conversation.", "voice": "TESTV0", "custom_voice": "",
         "consent": False, "temp_text": 0.7, "topk_text": 25, "temp_audio": 0.8, "topk_audio": 250, "seed": 1, "greedy": True,
@@ -73,9 +74,9 @@ def make_handler(service, limits: Limits = REALTIME, call_id="call-1", **values)
 
 def mic_chunks(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    t = np.arange(n * CHUNK) / SAMPLE_RATE
+    t = np.arange(n * CHUNK) / app.INPUT_RATE
     pcm = (0.3 * np.sin(2 * np.pi * 300 * t) + 0.02 * rng.standard_normal(t.size)) * 32767
-    return [(SAMPLE_RATE, pcm[i * CHUNK : (i + 1) * CHUNK].astype(np.int16)[None]) for i in range(n)]
+    return [(app.INPUT_RATE, pcm[i * CHUNK : (i + 1) * CHUNK].astype(np.int16)[None]) for i in range(n)]
 
 
 def split(item):
@@ -90,9 +91,10 @@ def split(item):
 async def talk(handler, chunks, realtime=True):
     """Push chunks (in real time), collecting what comes out meanwhile."""
     audio, updates = [], []
-    for chunk in chunks:
+    start = asyncio.get_running_loop().time()
+    for i, chunk in enumerate(chunks):
         await handler.receive(chunk)
-        deadline = asyncio.get_running_loop().time() + (0.04 if realtime else 0)
+        deadline = start + (i + 1) * CHUNK_S if realtime else 0.0  # on the clock, not after the last emit
         while True:
             a, u = split(await handler.emit())
             audio += [a] if a is not None else []
@@ -119,11 +121,11 @@ def test_every_80_ms_in_gives_80_ms_out_with_silence_while_the_prompt_loads(serv
         gate = __import__("threading").Event()
         service.worker.call(gate.wait)  # hold the engine: the prompt cannot run yet
         await handler.start_up()
-        early, _ = await talk(handler, mic_chunks(4))
+        early, _ = await talk(handler, mic_chunks(8))
         gate.set()
         while handler.session.phase.value != "live":
             await asyncio.sleep(0.01)
-        audio, updates = await talk(handler, mic_chunks(40, seed=1))
+        audio, updates = await talk(handler, mic_chunks(80, seed=1))
         for _ in range(10):  # what the last chunks still have in flight
             a, _u = split(await handler.emit())
             audio += [a] if a is not None else []
@@ -155,7 +157,7 @@ def test_the_app_ends_a_call_says_why_frees_everything_and_offers_its_files(serv
     async def scenario():
         handler = make_handler(service, limits)
         await handler.start_up()
-        await talk(handler, mic_chunks(20 if ending == "time limit" else 10))
+        await talk(handler, mic_chunks(20 if ending == "time limit" else 10))  # 0.4 s, 0.2 s: ends after
         final = await until_ended(handler)
         await asyncio.sleep(app.END_STREAM_DELAY_S + app.CLOSE_DELAY_S + 0.3)
         return handler, final
@@ -241,7 +243,7 @@ def test_a_call_that_fails_on_the_engine_says_so(service, monkeypatch):
     def broken(*args, **kwargs):
         raise RuntimeError("CUDA out of memory")
 
-    monkeypatch.setattr(service.engine, "start", broken)
+    monkeypatch.setattr(service.engine, "start_pieces", broken)
 
     async def scenario():
         handler = make_handler(service)

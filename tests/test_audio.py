@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+
 import numpy as np
 import pytest
 
@@ -109,3 +111,22 @@ def test_int16_round_trip_and_wav_clipping(tmp_path):
     np.testing.assert_allclose(int16_to_float(float_to_int16(x[:3])), x[:3])
     write_wav(tmp_path / "o.wav", x)
     np.testing.assert_allclose(read_audio(tmp_path / "o.wav"), np.clip(x, -1, 32767 / 32768), atol=1e-4)
+
+
+def test_half_rate_is_the_same_in_any_chunks_and_keeps_speech_but_not_what_would_alias():
+    from personaplex.audio import HalfRate
+
+    noise = np.random.default_rng(0).standard_normal(48_000).astype(np.float32)
+    whole = HalfRate().push(noise)
+    half = HalfRate()
+    cuts = [0, 960, 967, 1920, 30_001, 48_000]  # packets, and odd sizes
+    chunked = np.concatenate([half.push(noise[a:b]) for a, b in itertools.pairwise(cuts)])
+    assert whole.size == 24_000 and np.array_equal(chunked, whole)
+    t = np.arange(48_000) / 48_000
+
+    def gain_db(hz: float) -> float:
+        out = HalfRate().push(np.sin(2 * np.pi * hz * t).astype(np.float32))[500:]
+        return 20 * np.log10(np.sqrt(np.mean(out**2)) / np.sqrt(0.5))
+
+    assert abs(gain_db(1000)) < 0.01 and abs(gain_db(8000)) < 0.01  # speech passes unchanged
+    assert gain_db(13_000) < -45 and gain_db(18_000) < -80  # above 12 kHz it would fold back: removed

@@ -229,3 +229,88 @@ def test_a_failed_graph_capture_falls_back_to_plain_steps(models, monkeypatch):
     assert engine._graphs is None
     engine.start(0, engine.prompt(engine.voice("TESTV0"), ""), SamplingParams(greedy=True))
     assert engine.step(torch.zeros(1, FRAME_SIZE), bucket=1).pcm.shape == (1, FRAME_SIZE)
+
+
+def _engine_state(engine: Engine, slot: int, upto: int):
+    ring = engine.gen.ring
+    kv = [(layer.self_attn.state.keys[slot, :, :upto].clone(), layer.self_attn.state.values[slot, :, :upto].clone())
+          for layer in engine.models.lm.transformer.layers]
+    return ring.cache[slot].clone(), ring.provided[slot].clone(), int(ring.offset[slot]), kv
+
+
+@torch.inference_mode()
+def test_a_prefill_in_pieces_leaves_the_state_one_prefill_leaves_and_other_slots_keep_talking(models, expected_json):
+    """The pieces run in states of their own while the engine steps every slot in between;
+    slot 0's conversation is what it is alone, and slot 1 starts as after one prefill."""
+    role, sampling = expected_json["text_prompt"], SamplingParams(greedy=True)
+    audio_0, audio_1 = user_audio(24, seed=5), user_audio(6, seed=7)
+    alone_0 = solo_run(models, "TESTV0", "", sampling, audio_0)
+    alone_1 = solo_run(models, "TESTV0", role, sampling, audio_1)
+    whole = Engine(models, num_slots=2)
+    whole.start(1, whole.prompt(whole.voice("TESTV0"), role), sampling)
+    filled = int(models.lm.transformer.state.offset[1])
+    want = _engine_state(whole, 1, filled)
+
+    engine = Engine(models, num_slots=2)  # takes over the models' streaming state
+    engine.start(0, engine.prompt(engine.voice("TESTV0"), ""), sampling)
+    pieces = engine.start_pieces(1, engine.plan(engine.prompt(engine.voice("TESTV0"), role)), sampling, frames=7)
+    got_0, ticks = [], iter(audio_0)
+    while True:  # a tick (slot 1 hears silence meanwhile), then a piece, until the prefill is done
+        got_0.append(engine.step(torch.stack([next(ticks), torch.zeros(FRAME_SIZE)])).tokens[0])
+        if next(pieces, "done") == "done":
+            break
+    assert len(got_0) == -(-filled // 7) >= 3  # one tick before each of the prefill's pieces
+    ring, provided, offset, kv = _engine_state(engine, 1, filled)
+    assert torch.equal(ring, want[0]) and torch.equal(provided, want[1]) and offset == want[2]
+    for (k, v), (wk, wv) in zip(kv, want[3]):
+        torch.testing.assert_close(k, wk, atol=1e-5, rtol=0)
+        torch.testing.assert_close(v, wv, atol=1e-5, rtol=0)
+    got_1 = []
+    for f1 in audio_1:
+        out = engine.step(torch.stack([next(ticks), f1]))
+        got_0.append(out.tokens[0])
+        got_1.append(out.tokens[1])
+    assert torch.equal(torch.stack(got_1), alone_1)
+    assert torch.equal(torch.stack(got_0), alone_0[: len(got_0)])
+
+
+@torch.inference_mode()
+def test_a_conversation_moved_to_another_slot_goes_on_as_if_it_had_stayed(models):
+    sampling = SamplingParams(seed=9)  # sampled: the random stream is the slot's own, and moves with it
+    audio = user_audio(12, seed=6)
+    engine = Engine(models, num_slots=3)
+    engine.start(2, engine.prompt(engine.voice("TESTV0"), "You enjoy having a good conversation."), sampling)
+    got = []
+    for i, f in enumerate(audio):
+        if i == 5:
+            engine.move(2, 0)
+        slot = 2 if i < 5 else 0
+        batch = torch.zeros(3, FRAME_SIZE)
+        batch[slot] = f
+        out = engine.step(batch)
+        got.append(out.tokens[slot])
+    assert torch.equal(torch.stack(got), solo_run(models, "TESTV0", "You enjoy having a good conversation.", sampling, audio))
+
+
+@torch.inference_mode()
+def test_a_voice_encoded_in_pieces_has_the_whole_clips_codes(models):
+    from personaplex.audio import normalize_loudness, read_audio
+    from personaplex.persona import voice_frames
+    from personaplex.streaming import detached
+
+    from .helpers import ROOT
+
+    clip = normalize_loudness(read_audio(ROOT / "examples" / "voice_sample.wav"))
+    engine = Engine(models, num_slots=1)
+    pieces = engine.voice_pieces(clip, frames=3)
+    n = 0
+    while True:
+        try:
+            next(pieces)
+            n += 1
+        except StopIteration as done:
+            voice = done.value
+            break
+    with detached(models.mimi):
+        whole = models.mimi.encode(voice_frames(torch.from_numpy(clip)))[0]
+    assert n == -(-whole.shape[1] // 3) and torch.equal(voice.codes, whole)

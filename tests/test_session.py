@@ -12,7 +12,7 @@ import pytest
 
 from personaplex.config import FRAME_SIZE
 from personaplex.recording import CallRecording
-from personaplex.session import OFFLINE, REALTIME, Limits, Phase, Session
+from personaplex.session import OFFLINE, REALTIME, Limits, Phase, Session, TickGrid
 
 FRAME_S = 0.08
 
@@ -30,6 +30,7 @@ class FakeWorker:
 
     def __init__(self) -> None:
         self.released: list[Session] = []
+        self.grid = TickGrid(epoch=0.0)
 
     def wake(self) -> None:
         pass
@@ -222,3 +223,56 @@ def test_a_recording_fed_at_the_engines_pace_loses_nothing(samples):
     assert run_engine(session, clock.t) == frames
     outs = drain(session)
     assert [o.index for o in outs] == list(range(frames)) and all(o.from_model for o in outs)
+
+
+def test_the_tick_grid():
+    grid = TickGrid(epoch=1.0, period_s=0.08)
+    assert grid.after(1.0) == pytest.approx(1.08) and grid.after(1.05) == pytest.approx(1.08)
+    assert grid.at_or_after(1.0) == pytest.approx(1.0) and grid.at_or_after(1.01) == pytest.approx(1.08)
+    assert grid.after(0.95) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("phase_s", [0.0, 0.02, 0.04, 0.06])
+@pytest.mark.parametrize("chunk", [480, 960])  # 20 ms packets, and 40 ms chunks
+def test_the_framing_shifts_once_so_frames_end_just_before_the_ticks_keeping_every_sample(phase_s, chunk):
+    from personaplex.session import ALIGN_LEAD_S
+
+    clock, worker = Clock(), FakeWorker()  # ticks at k * 80 ms
+    session = Session(REALTIME, clock=clock)
+    session._bind(worker, 0, 10, describe=str)  # type: ignore[arg-type]
+    raw = np.arange(1, 200 * chunk + 1, dtype=np.float32) / (200 * chunk)  # every sample different, none zero
+    chunk_s, ends, outs = chunk / 24000, [], []
+    for i in range(120):
+        clock.t = 1.0 + phase_s + (i + 1) * chunk_s + 0.0003  # the chunk has arrived
+        if i == 10:
+            assert session._go_live() is not None  # the prompt has run: the shift happens now, from 10 arrivals
+        before = session.stats.frames_in
+        session.push(raw[i * chunk : (i + 1) * chunk])
+        if session.stats.frames_in > before and i > 10:
+            ends.append(clock.t)
+        run_engine(session, clock.t)
+        outs += drain(session)
+    assert session.framing_shift is not None and 0 <= session.framing_shift < FRAME_SIZE
+    waits = [worker.grid.after(t + ALIGN_LEAD_S) - t for t in ends]
+    assert max(waits) <= ALIGN_LEAD_S + chunk_s + 1e-6  # at most one chunk before the tick it makes
+    heard = np.concatenate([o.user for o in outs])
+    zeros = np.flatnonzero(heard == 0)
+    assert zeros.size == session.framing_shift and (zeros.size == 0 or np.all(np.diff(zeros) == 1))  # one run of zeros
+    assert np.array_equal(heard[heard != 0], raw[: heard.size - zeros.size])  # every sample, in order
+
+
+def test_a_backlog_is_skipped_in_a_pause_and_bounded_while_someone_speaks():
+    session, clock, _ = live_session()
+    quiet, loud = np.zeros(FRAME_SIZE, dtype=np.float32), np.full(FRAME_SIZE, 0.2, dtype=np.float32)
+    session.push(np.concatenate([quiet, quiet, quiet]))  # a burst after a stall: three frames at once
+    clock.t = FRAME_S + 0.01  # a tick later, two still wait: quiet, so the older ones are skipped
+    assert session._take(clock.t) is not None and len(session._queue) == 0
+    assert session.stats.trimmed == 2 and session.stats.unheard == 0
+    session._deliver(quiet, 0)
+    clock.t = 1.0
+    session.push(np.concatenate([loud] * 4))
+    clock.t += FRAME_S + 0.01  # the user speaks: nothing skipped, the backlog stays (at most max_queued)
+    assert session._take(clock.t) is not None and len(session._queue) == 3 and session.stats.unheard == 0
+    outs = drain(session)
+    assert [o.from_model for o in outs] == [False, False, True]  # the skipped frames are answered with silence
+    assert session.stats.silent_out == 0  # and not counted as the model's lateness

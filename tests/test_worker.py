@@ -21,7 +21,7 @@ from .helpers import user_audio
 
 @pytest.fixture
 def worker(models):
-    w = EngineWorker(Engine(models, num_slots=2), max_wait_s=0.05)
+    w = EngineWorker(Engine(models, num_slots=2))
     yield w
     w.stop()
 
@@ -32,7 +32,7 @@ def persona(engine: Engine, role: str):
 
 def open_session(worker: EngineWorker, role: str = "", limits: Limits = REALTIME, sampling: SamplingParams | None = None) -> Session:
     session = Session(limits)
-    worker.open(session, persona(worker.engine, role), sampling or SamplingParams(greedy=True), describe=str)
+    worker.open(session, worker.engine.plan(persona(worker.engine, role)), sampling or SamplingParams(greedy=True), describe=str)
     return session
 
 
@@ -128,7 +128,7 @@ def test_a_stalled_engine_answers_with_silence_instead_of_growing_the_lag(worker
             gate.set()
     reader.join(10)
     assert [o.index for o in outs] == list(range(12))
-    assert not outs[0].from_model and session.stats.unheard >= 4  # waited too long: silence, not lag
+    assert not all(o.from_model for o in outs[:8]) and session.stats.unheard >= 4  # waited too long: silence, not lag
     assert outs[-1].from_model  # the engine is back: the model answers again
     session.end("stopped", "bye")
 
@@ -149,7 +149,7 @@ def test_a_bad_prompt_is_refused_before_it_takes_a_slot(worker):
     empty = persona(worker.engine, "")
     empty = type(empty)(tokens=empty.tokens[:, :0])  # a prompt without frames cannot start
     with pytest.raises(PromptError, match="a prompt needs 2 to"):
-        worker.open(Session(), empty, SamplingParams(), describe=str)
+        worker.open(Session(), worker.engine.plan(empty), SamplingParams(), describe=str)
     assert worker.live_sessions == 0
 
 
@@ -157,7 +157,7 @@ def test_a_prompt_failing_on_the_engine_thread_ends_the_session_and_frees_the_sl
     def broken(*args, **kwargs):
         raise RuntimeError("device lost")
 
-    monkeypatch.setattr(worker.engine, "start", broken)
+    monkeypatch.setattr(worker.engine, "start_pieces", broken)
     session = open_session(worker)
     deadline = time.monotonic() + 5
     while session.phase is not Phase.ENDED and time.monotonic() < deadline:
@@ -186,3 +186,91 @@ def test_stopping_the_worker_ends_every_session(models):
     session = open_session(worker)
     worker.stop()
     assert session.ending.reason == "shutdown" and worker.live_sessions == 0
+
+
+def feed_in_real_time(session: Session, frames: int, seed: int = 0) -> threading.Thread:
+    def run() -> None:
+        start = time.monotonic()
+        for k, frame in enumerate(user_audio(frames, seed=seed)):
+            time.sleep(max(0.0, start + k * 0.08 - time.monotonic()))
+            session.push(frame.numpy())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_a_long_job_runs_in_pieces_between_the_ticks_of_a_live_call(worker):
+    session = open_session(worker)
+    wait_live(session)
+    events: list[str] = []
+    original = worker._tick
+    worker._tick = lambda live: (events.append("tick"), original(live))  # type: ignore[method-assign]
+
+    def job():
+        for _ in range(40):
+            events.append("piece")
+            time.sleep(0.01)  # a piece of work: 10 ms
+            yield
+        return "done"
+
+    feeder = feed_in_real_time(session, 40)
+    result = worker.run(job())
+    assert result.result(20) == "done"
+    feeder.join()
+    session.end("stopped", "bye")
+    first, last = events.index("piece"), len(events) - 1 - events[::-1].index("piece")
+    between = events[first:last]
+    assert between.count("tick") >= 5  # the call kept ticking while the job ran
+    runs = "".join("p" if e == "piece" else "t" for e in between).split("t")
+    assert max(len(r) for r in runs) <= 8  # no more pieces in a row than fit between two ticks (80 ms / 10 ms)
+
+
+def test_a_joining_call_goes_ahead_of_a_voice_being_encoded(worker):
+    from personaplex.audio import normalize_loudness, read_audio
+
+    from .helpers import ROOT
+
+    clip = normalize_loudness(np.tile(read_audio(ROOT / "examples" / "voice_sample.wav"), 3))  # 26 s
+    encoding = worker.run(worker.engine.voice_pieces(clip, frames=1))
+    time.sleep(0.05)  # it has started
+    session = open_session(worker)
+    wait_live(session, timeout=20)
+    assert not encoding.done()  # the call is live while the voice is still being encoded
+    assert encoding.result(60).codes.shape[1] == -(-clip.size // FRAME_SIZE)
+    session.end("stopped", "bye")
+
+
+def test_a_lone_call_in_a_high_slot_moves_down_and_goes_on_unchanged(models, worker):
+    first, second = open_session(worker), open_session(worker, "You enjoy having a good conversation.", OFFLINE)
+    wait_live(first)
+    wait_live(second)
+    assert (first.slot, second.slot) == (0, 1)
+    first.end("stopped", "bye")
+    frames = user_audio(10, seed=4)
+    second.push(torch.cat(frames).numpy(), final=True)
+    outs = [second.next(10.0) for _ in range(10)]
+    assert second.slot == 0 and all(o is not None for o in outs)  # moved: every tick now steps one slot
+    second.end("stopped", "done")
+    worker.stop()
+    solo = Engine(models, num_slots=1)
+    solo.start(0, persona(solo, "You enjoy having a good conversation."), SamplingParams(greedy=True))
+    want = [solo.step(f[None]) for f in frames]
+    assert [o.text for o in outs] == [str(int(w.text[0])) for w in want]
+    np.testing.assert_allclose(np.stack([o.pcm for o in outs]), np.stack([w.pcm[0].numpy() for w in want]), atol=1e-5)
+
+
+def test_the_ticks_move_to_a_call_that_is_alone_and_stay_for_the_next(worker):
+    from personaplex.session import ALIGN_LEAD_S
+    from personaplex.worker import GRID_FIT_MARGIN_S
+
+    first, second = open_session(worker), open_session(worker)
+    wait_live(first)
+    wait_live(second)
+    epoch = worker.grid.epoch
+    worker._fit_grid(first, 0.03)  # not alone: the grid stays for the other
+    assert worker.grid.epoch == epoch
+    second.end("stopped", "bye")
+    worker._fit_grid(first, 0.03)  # alone: its frames waited 30 ms, now lead and margin
+    assert worker.grid.epoch == pytest.approx(epoch - (0.03 - ALIGN_LEAD_S - GRID_FIT_MARGIN_S))
+    first.end("stopped", "bye")
