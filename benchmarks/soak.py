@@ -98,7 +98,8 @@ async def soak(app: App, client: ModuleType, speech: np.ndarray, calls: int, sec
         {"received_s": round(r.audio.size / client.RATE, 1), "ended_by_app": r.ended,
          "tick": health_figure(r.details, "engine tick"), "user_dropped": health_figure(r.details, "your audio dropped"),
          "model_dropped": health_figure(r.details, "the model's audio dropped"),
-         "call_time": health_figure(r.details, "call time"), "turns": len(r.conversation)} for r in results
+         "call_time": health_figure(r.details, "call time"), "turns": len(r.conversation),
+         "page_updates": r.output_updates, "update_errors": r.output_errors[:3]} for r in results
     ]}
 
 

@@ -3,6 +3,7 @@ naive loop (one session after another, frame by frame) side by side.
 
     python -m benchmarks.step --device cpu --preset tiny --sessions 1,2,4,8
     python -m benchmarks.step --device cuda --preset 7b --sessions 1,8,32,64 --json
+    python -m benchmarks.step --count-ops --sessions 1,8      # kernels per tick, counted on CPU
 
 Weights are random (the 7B preset needs no download): speed does not depend on their values.
 A tick is timed from the user's audio on the host to the agent's audio back on the host, as
@@ -167,6 +168,33 @@ def render(result: dict) -> str:
     return "\n".join(lines)
 
 
+def count_ops(args: argparse.Namespace) -> dict:
+    """The kernels one tick would launch, on the narrow 7B (`benchmarks.ops`), at each session count."""
+    from benchmarks.ops import count_tick, narrow_7b
+
+    torch.set_num_threads(args.threads)
+    config = narrow_7b()
+    sessions = [int(s) for s in args.sessions.split(",")]
+    engine = Engine(random_models(config, torch.device("cpu"), torch.bfloat16), num_slots=max(sessions))
+    for slot in range(max(sessions)):
+        engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot))
+    rows = []
+    for n in sessions:
+        counter = count_tick(engine, engine.bucket_for(n))
+        rows.append({"sessions": n, "bucket": engine.bucket_for(n), "ops": counter.total, "host_syncs": counter.host_syncs,
+                     "by_part": dict(counter.regions.most_common()), "top_ops": dict(counter.ops.most_common(12))})
+    return {"preset": "7b (narrow widths, bf16 LM)", "torch": torch.__version__, "rows": rows}
+
+
+def render_ops(result: dict) -> str:
+    lines = [f"operations that launch a kernel, one tick, {result['preset']}"]
+    for r in result["rows"]:
+        parts = ", ".join(f"{k} {v}" for k, v in r["by_part"].items())
+        lines.append(f"{r['sessions']:>3} sessions (bucket {r['bucket']}): {r['ops']} ops ({parts}); host syncs {r['host_syncs']}")
+        lines.append("     most frequent: " + ", ".join(f"{k} {v}" for k, v in r["top_ops"].items()))
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
@@ -178,10 +206,14 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--count-ops", action="store_true", help="count the kernels of one tick on the narrow 7B, on CPU")
     args = p.parse_args(argv)
     with torch.inference_mode():
-        result = run(args)
-    sys.stdout.write((json.dumps(result) if args.json else render(result)) + "\n")
+        if args.count_ops:
+            result, text = count_ops(args), render_ops
+        else:
+            result, text = run(args), render
+    sys.stdout.write((json.dumps(result) if args.json else text(result)) + "\n")
 
 
 if __name__ == "__main__":

@@ -75,6 +75,7 @@ class CallResult:
     webrtc_id: str = ""
     events: list[dict] = field(default_factory=list)  # data-channel messages
     output_updates: int = 0  # page updates seen through Gradio
+    output_errors: list[str] = field(default_factory=list)  # updates that could not be applied
     connected_after_s: float | None = None
     closed_by_app_after_s: float | None = None  # when the app closed the connection, if it did
     first_frame_after_s: float | None = None  # the first frame of the remote track
@@ -175,8 +176,12 @@ async def _follow_outputs(client: httpx.AsyncClient, url: str, session: str, pag
                     msg = json.loads(line[5:])
                     data = msg.get("output", {}).get("data") if msg.get("event_id") == event_id else None
                     if msg.get("msg") in ("process_generating", "process_completed") and data:
-                        for name, new in zip(names, data):
-                            states[name] = _patch(states[name], new)
+                        try:
+                            for name, new in zip(names, data):
+                                states[name] = _patch(states[name], new)
+                        except (KeyError, IndexError, TypeError) as exc:  # keep reading: the next full value mends it
+                            result.output_errors.append(f"{type(exc).__name__}: {exc}")
+                            continue
                         result.live = str(_value(states.get("live"), result.live) or "")
                         result.conversation = list(_value(states.get("conversation"), result.conversation) or [])
                         result.details = str(_value(states.get("details"), result.details) or "")

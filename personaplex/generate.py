@@ -27,7 +27,7 @@ import torch
 
 from .config import CODES_PER_STREAM, UNGENERATED_ID, LMConfig
 from .lm import LMModel
-from .sampling import MAX_TOP_K, SamplingParams, race_noise, sample_tokens
+from .sampling import MAX_TOP_K, SamplingParams, race_noise, sample_tokens, stream_keys
 from .streaming import StreamingModule, StreamingState
 
 RING_SIZE = 4  # max delay (1) + 3, as in the reference: every slot is rewritten before it is read
@@ -157,6 +157,7 @@ class LMGen(StreamingModule):
     def __init__(self, lm: LMModel, depformer_steps: int = CODES_PER_STREAM) -> None:
         super().__init__()
         assert 1 <= depformer_steps <= lm.cfg.dep_q
+        assert max(lm.cfg.text_card, lm.cfg.card) <= 1 << 16, "the noise hash takes token ids below 2**16"
         self.lm = lm
         self.depformer_steps = depformer_steps
         self.register_buffer("delays", torch.tensor(lm.cfg.delays, device=lm.device), persistent=False)
@@ -187,13 +188,14 @@ class LMGen(StreamingModule):
         assert user_codes.shape == (B, CODES_PER_STREAM), f"expected [B, 8] user codes, got {tuple(user_codes.shape)}"
         # 1. ring: write the user's codes, read this step's input and target columns
         inputs, target, provided = ring_prepare(self.ring, self.delays, user_codes)
+        keys = stream_keys(self.ring.seed, self.ring.offset, 1 + self.depformer_steps)  # [B, streams]: the step's noise keys
         # 2. temporal transformer on one column
         h = lm.forward_embeddings(lm.embed(inputs[:, :, None]))[:, 0]  # [B, dim]
         # 3. text token, unless given
-        text = self._sample(lm.text_logits(h), stream=0, kind=0)
+        text = self._sample(lm.text_logits(h), keys[:, 0], kind=0)
         next_text = torch.where(provided[:, 0], target[:, 0], text)
         # 4. depformer over the agent's codebooks, teacher-forced where given
-        audio = self._depformer(h, next_text, target[:, 1:], provided[:, 1:])  # [B, steps]
+        audio = self._depformer(h, next_text, target[:, 1:], provided[:, 1:], keys[:, 1:])  # [B, steps]
         # 5. fill, emit, advance (rows past the depformer steps are the user's: always given)
         sampled = torch.cat([text[:, None], audio, target[:, 1 + audio.shape[1] :]], dim=1)
         return ring_commit(self.ring, self.delays, sampled)
@@ -206,22 +208,24 @@ class LMGen(StreamingModule):
         self.lm.forward_embeddings(x)
         ring_commit(self.ring, self.delays, None)
 
-    def _sample(self, logits: torch.Tensor, stream: int, kind: int) -> torch.Tensor:
+    def _sample(self, logits: torch.Tensor, key: torch.Tensor, kind: int) -> torch.Tensor:
+        """Tokens of one stream (kind 0: text, 1: audio) with its noise keys `key` [B]."""
         ring = self.ring
         return sample_tokens(
             logits,
             ring.temperature[:, kind],
             ring.top_k[:, kind],
-            lambda ids: race_noise(ring.seed, ring.offset, stream, ids),
+            lambda ids: race_noise(key, ids),
             MAX_TOP_K["text" if kind == 0 else "audio"],
         )
 
-    def _depformer(self, h: torch.Tensor, text: torch.Tensor, target: torch.Tensor, provided: torch.Tensor) -> torch.Tensor:
+    def _depformer(self, h: torch.Tensor, text: torch.Tensor, target: torch.Tensor, provided: torch.Tensor,
+                   keys: torch.Tensor) -> torch.Tensor:
         lm, steps = self.lm, self.depformer_steps
         cache = lm.new_depformer_cache(h.shape[0], steps)
         prev, tokens = text, []
         for step in range(steps):
-            token = self._sample(lm.depformer_step(step, prev, h, cache), stream=1 + step, kind=1)
+            token = self._sample(lm.depformer_step(step, prev, h, cache), keys[:, step], kind=1)
             prev = torch.where(provided[:, step], target[:, step], token)
             tokens.append(token)
         return torch.stack(tokens, dim=1)  # [B, steps]

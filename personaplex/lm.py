@@ -55,10 +55,10 @@ class Depformer(nn.Module):
 
 @dataclass
 class DepformerCache:
-    """Keys and values of the steps run so far in the current frame, one per layer."""
+    """Keys and values of the steps run so far in the current frame, one per layer (side by side,
+    so that a step writes both with one copy)."""
 
-    keys: torch.Tensor  # [L, B, H, steps, Dh]
-    values: torch.Tensor
+    kv: torch.Tensor  # [L, B, 2, H, steps, Dh]
 
 
 class LMModel(nn.Module):
@@ -117,11 +117,9 @@ class LMModel(nn.Module):
 
     def new_depformer_cache(self, batch_size: int, steps: int) -> DepformerCache:
         cfg = self.cfg
-        shape = (cfg.depformer_num_layers, batch_size, cfg.depformer_num_heads, steps, cfg.depformer_dim // cfg.depformer_num_heads)
-        return DepformerCache(
-            keys=torch.empty(shape, device=self.device, dtype=self.dtype),
-            values=torch.empty(shape, device=self.device, dtype=self.dtype),
-        )
+        heads, head_dim = cfg.depformer_num_heads, cfg.depformer_dim // cfg.depformer_num_heads
+        shape = (cfg.depformer_num_layers, batch_size, 2, heads, steps, head_dim)
+        return DepformerCache(kv=torch.empty(shape, device=self.device, dtype=self.dtype))
 
     def depformer_step(self, step: int, prev_token: torch.Tensor, h: torch.Tensor, cache: DepformerCache) -> torch.Tensor:
         """One depformer step for a frame.
@@ -141,11 +139,9 @@ class LMModel(nn.Module):
     ) -> torch.Tensor:
         B, _, D = x.shape
         w_in = attn.in_proj_weight.view(attn.steps, 3 * D, D)[step]
-        q, k, v = F.linear(x, w_in).view(B, 3, attn.num_heads, 1, -1).unbind(1)  # [B, H, 1, Dh] each
-        cache.keys[layer, :, :, step : step + 1] = k
-        cache.values[layer, :, :, step : step + 1] = v
-        keys = cache.keys[layer, :, :, : step + 1]  # every earlier step of this frame
-        values = cache.values[layer, :, :, : step + 1]
-        out = F.scaled_dot_product_attention(q, keys, values)  # [B, H, 1, Dh]
+        qkv = F.linear(x, w_in).view(B, 3, attn.num_heads, 1, -1)  # [B, 3, H, 1, Dh]
+        cache.kv[layer, :, :, :, step : step + 1] = qkv[:, 1:]  # this step's key and value
+        keys, values = cache.kv[layer, :, :, :, : step + 1].unbind(1)  # [B, H, step + 1, Dh]: every step so far
+        out = F.scaled_dot_product_attention(qkv[:, 0], keys, values)  # [B, H, 1, Dh]
         w_out = attn.out_proj.weight.view(attn.steps, D, D)[step]
         return F.linear(out.transpose(1, 2).reshape(B, 1, D), w_out)

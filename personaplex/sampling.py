@@ -1,7 +1,8 @@
 """Token sampling on the device, with a counter-based random generator per slot.
 
 Implements `SamplingParams`, `sample_tokens` (greedy, or temperature + top-k through the
-exponential race `argmax(p / q)`, q ~ Exp(1), as the reference does) and `race_noise`.
+exponential race `argmax(p / q)`, q ~ Exp(1), as the reference does), `stream_keys` and
+`race_noise`.
 A top-k of 0 ("no limit" in the reference) is not offered: at most `MAX_TOP_K` candidates.
 
 The noise is a hash of (slot seed, slot step, stream, vocabulary index) instead of draws from a
@@ -87,11 +88,18 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ (x >> 16)
 
 
-def race_noise(seed: torch.Tensor, step: torch.Tensor, stream: int, tokens: torch.Tensor) -> torch.Tensor:
-    """Exp(1) noise [B, K] for the token ids `tokens` [B, K] of each slot's (seed [B], step [B])
-    and a stream id: the noise of a token does not depend on which other tokens are drawn."""
-    key = _mix32((seed & _MASK32) ^ _mix32((step * 64 + stream) & _MASK32))  # [B]
-    bits = _mix32(key[:, None] ^ _mul32(tokens, 0x9E3779B9))  # [B, K]
+def stream_keys(seed: torch.Tensor, step: torch.Tensor, streams: int) -> torch.Tensor:
+    """The hash keys [B, streams] of each slot's (seed [B], step [B]) for streams 0..streams-1:
+    made once per step for all of them (text and every codebook), not once per draw."""
+    ids = torch.arange(streams, device=seed.device)[None]  # [1, S]
+    return _mix32((seed & _MASK32)[:, None] ^ _mix32((step[:, None] * 64 + ids) & _MASK32))  # [B, S]
+
+
+def race_noise(key: torch.Tensor, tokens: torch.Tensor) -> torch.Tensor:
+    """Exp(1) noise [B, K] for the token ids `tokens` [B, K] of a stream whose keys are `key` [B]
+    (`stream_keys`): the noise of a token does not depend on which other tokens are drawn."""
+    # Token ids are below 2**16, so their product with a 32-bit constant fits in int64.
+    bits = _mix32(key[:, None] ^ ((tokens * 0x9E3779B9) & _MASK32))  # [B, K]
     uniform = ((bits >> 8).float() + 0.5) * (1.0 / (1 << 24))  # (0, 1)
     return -torch.log(uniform)
 

@@ -84,7 +84,8 @@ class StreamingConv1d(StreamingModule):
         x = torch.cat([previous, x], dim=-1)
         if self.padding:
             state.previous.copy_(x[..., -self.padding :])
-        state.started.fill_(True)
+        if self.pad_mode == "replicate":  # only replicate padding reads `started`
+            state.started.fill_(True)
         return self.raw(x)
 
     def _pad_whole(self, x: torch.Tensor) -> torch.Tensor:

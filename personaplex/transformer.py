@@ -1,7 +1,8 @@
 """Transformer building blocks shared by Mimi and the LM.
 
-Implements RMSNorm (float32 math, eps 1e-8), interleaved RoPE, the gated SiLU MLP, the ring KV
-cache with per-slot positions, multi-head attention, a pre-norm layer and a layer stack.
+Implements RMSNorm (float32 math, eps 1e-8), interleaved RoPE (one complex multiplication for q
+and k together), the gated SiLU MLP, the ring KV cache with per-slot positions (written with one
+scatter per tensor), multi-head attention, a pre-norm layer and a layer stack.
 Module attribute names follow the release checkpoint (`self_attn.in_proj_weight`,
 `norm1.alpha`, `gating.linear_in`, `linear1`, `layer_scale_1.scale`, ...).
 
@@ -30,7 +31,9 @@ from .streaming import StreamingModule, StreamingState
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm computed in float32 (`rms_norm_f32`): `alpha * rsqrt(mean(x^2) + eps)` then `* x`."""
+    """RMSNorm computed in float32 (`rms_norm_f32`): `x * rsqrt(mean(x^2) + eps) * alpha`, as one
+    `rms_norm`. `alpha` stays float32 whatever the model's dtype (its math is float32, and a
+    bf16 scale would be cast at every call): on `.to()` and when a checkpoint is loaded."""
 
     def __init__(self, dim: int, eps: float = 1e-8) -> None:
         super().__init__()
@@ -38,9 +41,17 @@ class RMSNorm(nn.Module):
         self.alpha = nn.Parameter(torch.ones(1, 1, dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        var = self.eps + torch.mean(x32**2, dim=-1, keepdim=True)
-        return (x32 * (self.alpha.float() * torch.rsqrt(var))).to(x.dtype)
+        return F.rms_norm(x.float(), (x.shape[-1],), self.alpha.view(-1), self.eps).to(x.dtype)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.alpha.data = self.alpha.data.float()
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if prefix + "alpha" in state_dict:
+            state_dict[prefix + "alpha"] = state_dict[prefix + "alpha"].float()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
 
 class LayerScale(nn.Module):
@@ -66,21 +77,20 @@ class GatedMLP(nn.Module):
         return self.linear_out(F.silu(gate) * up)
 
 
-def rope_tables(positions: torch.Tensor, head_dim: int, max_period: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos and sin of the interleaved RoPE angles, [B, 1, T, head_dim/2], float32."""
+def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float) -> torch.Tensor:
+    """e^(i * angle) of the interleaved RoPE pairs at `positions` [B, T]: [B, T, 1, 1, head_dim/2]
+    complex64, to multiply q and k of shape [B, T, 2, H, head_dim/2] (complex) with."""
     ds = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
     freqs = torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
-    angles = freqs * positions.float()[:, None, :, None]  # [B, 1, T, D/2]
-    return torch.cos(angles), torch.sin(angles)
+    angles = freqs * positions.float()[:, :, None, None, None]  # [B, T, 1, 1, D/2]
+    return torch.polar(torch.ones_like(angles), angles)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate interleaved pairs (x[2i], x[2i+1]) in float32, then cast back: x is [B, H, T, D]."""
-    pairs = x.unflatten(-1, (-1, 2))  # [B, H, T, D/2, 2]
-    xr, xi = pairs[..., 0].float(), pairs[..., 1].float()
-    out_r = xr * cos - xi * sin
-    out_i = xr * sin + xi * cos
-    return torch.stack([out_r.to(x.dtype), out_i.to(x.dtype)], dim=-1).flatten(-2)
+def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
+    """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [..., D] in float32, then cast back:
+    one complex multiplication, (x[2i] + i x[2i+1]) * e^(i * angle)."""
+    pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [..., D/2]
+    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
 @dataclass
@@ -88,9 +98,8 @@ class AttentionPlan:
     """What every layer of one forward needs, computed once per forward (not per layer)."""
 
     mask: torch.Tensor  # [B or 1, 1, T, S] bool, True = attend
-    cos: torch.Tensor | None  # RoPE tables, [B or 1, 1, T, D/2]
-    sin: torch.Tensor | None
-    write_index: torch.Tensor | None  # [B, T] ring entries to write (streaming only)
+    rotation: torch.Tensor | None  # RoPE, [B or 1, T, 1, 1, D/2] complex
+    write_index: torch.Tensor | None  # [B, H, T', D] ring entries to write, for scatter_ (streaming only)
     write_from: int  # first of the T new steps that is written (a call longer than the ring)
     attend_new_separately: bool  # long call: attend over [old ring, new keys], then write
 
@@ -126,10 +135,10 @@ class Attention(StreamingModule):
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         B, T, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight).view(B, T, 3, self.num_heads, -1)
-        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh] each
-        if plan.cos is not None:
-            q, k = apply_rope(q, plan.cos, plan.sin), apply_rope(k, plan.cos, plan.sin)
+        qkv = F.linear(x, self.in_proj_weight).view(B, T, 3, self.num_heads, -1)  # [B, T, 3, H, Dh]
+        qk = qkv[:, :, :2] if plan.rotation is None else apply_rope(qkv[:, :, :2], plan.rotation)  # q and k at once
+        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh] each
+        v = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, Dh]
         keys, values = self._complete(k, v, plan)
         out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
@@ -143,11 +152,8 @@ class Attention(StreamingModule):
             keys = torch.cat([state.keys, k], dim=2)
             values = torch.cat([state.values, v], dim=2)
         assert plan.write_index is not None
-        B = k.shape[0]
-        rows = torch.arange(B, device=k.device)[:, None]  # [B, 1]
-        cols = plan.write_index[:, plan.write_from :]  # [B, T']
-        state.keys[rows, :, cols] = k[:, :, plan.write_from :].transpose(1, 2)  # [B, T', H, Dh]
-        state.values[rows, :, cols] = v[:, :, plan.write_from :].transpose(1, 2)
+        state.keys.scatter_(2, plan.write_index, k[:, :, plan.write_from :])  # each slot at its own entries
+        state.values.scatter_(2, plan.write_index, v[:, :, plan.write_from :])
         if plan.attend_new_separately:
             return keys, values
         return state.keys, state.values
@@ -232,20 +238,21 @@ class Transformer(StreamingModule):
         state = self.state
         if state is None:
             q_pos = steps[None]  # [1, T]
-            cos, sin = rope_tables(q_pos, head_dim, self.max_period)
-            return AttentionPlan(self._window(q_pos, q_pos), cos, sin, None, 0, False)
+            rotation = rope_rotation(q_pos, head_dim, self.max_period)
+            return AttentionPlan(self._window(q_pos, q_pos), rotation, None, 0, False)
         assert isinstance(state, OffsetState)
         start = state.offset[:, None]  # [B, 1]
         q_pos = start + steps  # [B, T]
-        cos, sin = rope_tables(q_pos, head_dim, self.max_period)
-        write_index = q_pos % self.capacity  # [B, T]
+        rotation = rope_rotation(q_pos, head_dim, self.max_period)
         write_from = max(0, T - self.capacity)
+        entries = (q_pos[:, write_from:] % self.capacity)[:, None, :, None]  # [B, 1, T', 1]
+        write_index = entries.expand(-1, self.num_heads, -1, head_dim)  # [B, H, T', Dh]
         if T <= self.capacity - self.context + 1:
             # Writing first only overwrites keys older than every query's window.
             k_pos = self._ring_positions(start + T)
-            return AttentionPlan(self._window(q_pos, k_pos), cos, sin, write_index, write_from, False)
+            return AttentionPlan(self._window(q_pos, k_pos), rotation, write_index, write_from, False)
         k_pos = torch.cat([self._ring_positions(start), q_pos], dim=1)  # [B, C + T]
-        return AttentionPlan(self._window(q_pos, k_pos), cos, sin, write_index, write_from, True)
+        return AttentionPlan(self._window(q_pos, k_pos), rotation, write_index, write_from, True)
 
     def _ring_positions(self, end: torch.Tensor) -> torch.Tensor:
         """Position held by each ring entry when `end` ([B, 1]) steps were written; -1 if none."""

@@ -14,3 +14,10 @@ def test_benchmark_json(capsys):
     for row in result["rows"]:
         assert row["median_ms"] > 0 and row["p99_ms"] >= row["median_ms"] and row["naive_median_ms"] > 0
     assert result["time_to_first_audio"]["prefill_ms"] > 0 and result["cuda_graphs"] is False
+
+
+def test_the_op_count_of_a_tick_runs_on_cpu_and_the_tick_never_reads_the_device(capsys):
+    main(["--count-ops", "--sessions", "1", "--json"])
+    (row,) = json.loads(capsys.readouterr().out)["rows"]
+    assert row["host_syncs"] == 0  # no .item() / .cpu() inside a tick: it could not be a CUDA graph
+    assert row["ops"] == sum(row["by_part"].values()) and {"temporal transformer", "depformer", "sampling"} <= set(row["by_part"])

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from personaplex.errors import SettingsError
-from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams, race_noise, sample_tokens
+from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams, race_noise, sample_tokens, stream_keys
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 
@@ -15,7 +15,7 @@ def draws(temperature: float, top_k: int, n: int = 6000, seed: int = 1) -> torch
     seeds, steps = torch.full((n,), seed), torch.arange(n)
     return sample_tokens(
         LOGITS.expand(n, -1), torch.full((n,), temperature), torch.full((n,), top_k),
-        lambda ids: race_noise(seeds, steps, 0, ids), max_top_k=6,
+        lambda ids: race_noise(stream_keys(seeds, steps, 1)[:, 0], ids), max_top_k=6,
     )
 
 
@@ -39,11 +39,11 @@ def test_top_k_limits_the_choice_and_renormalises():
 def test_a_token_draws_the_same_noise_whatever_else_is_drawn():
     seed, step = torch.tensor([5, 5, 6]), torch.tensor([10, 10, 10])
     ids = torch.arange(1000).expand(3, -1)
-    a = race_noise(seed, step, 3, ids)
+    a = race_noise(stream_keys(seed, step, 5)[:, 3], ids)
     assert torch.equal(a[0], a[1]) and not torch.equal(a[0], a[2])
-    assert torch.equal(race_noise(seed, step, 3, ids[:, 500:])[0], a[0, 500:])
-    assert not torch.equal(a[0], race_noise(seed, step + 1, 3, ids)[0])
-    assert not torch.equal(a[0], race_noise(seed, step, 4, ids)[0])
+    assert torch.equal(race_noise(stream_keys(seed, step, 5)[:, 3], ids[:, 500:])[0], a[0, 500:])
+    assert not torch.equal(a[0], race_noise(stream_keys(seed, step + 1, 5)[:, 3], ids)[0])
+    assert not torch.equal(a[0], race_noise(stream_keys(seed, step, 5)[:, 4], ids)[0])
     assert torch.all(a > 0) and abs(a.mean().item() - 1.0) < 0.05  # Exp(1)
 
 
@@ -52,7 +52,7 @@ def test_each_slot_uses_its_own_settings():
     temperature = torch.cat([torch.zeros(n), torch.ones(n)])
     top_k = torch.cat([torch.full((n,), 6), torch.full((n,), 2)])
     seeds, steps = torch.zeros(2 * n, dtype=torch.long), torch.arange(2 * n)
-    tokens = sample_tokens(LOGITS.expand(2 * n, -1), temperature, top_k, lambda ids: race_noise(seeds, steps, 0, ids), 6)
+    tokens = sample_tokens(LOGITS.expand(2 * n, -1), temperature, top_k, lambda ids: race_noise(stream_keys(seeds, steps, 1)[:, 0], ids), 6)
     assert torch.all(tokens[:n] == 0) and set(tokens[n:].tolist()) == {0, 1}
 
 
