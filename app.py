@@ -523,6 +523,9 @@ def status_markdown(service: Service) -> str:
         else:
             text = (f"**Ready** on {service.device.type} for {figures.slots} conversations at once; an 80 ms frame of "
                     f"all of them took {figures.tick_ms:.0f} ms at start-up")
+        if service.graphs_failed:
+            text += f"; running without CUDA graphs, slower than it should (their capture failed: {html.escape(service.graphs_failed)})"
+            kind = "busy"
         if figures.tick_ms > 80:
             text += f", {figures.tick_ms / 80:.1f}x slower than real time: live audio will stutter (use a GPU, or the offline tab)"
             kind = "failed"

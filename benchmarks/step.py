@@ -140,7 +140,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     result = {
         "preset": args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "cuda_graphs": engine._graphs is not None, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "cuda_graphs": engine.cuda_graphs, "cuda_graphs_failed": engine.graphs_failed, "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__, "ticks": args.ticks, "rows": rows, "time_to_first_audio": ttfa,
     }
@@ -207,6 +207,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--count-ops", action="store_true", help="count the kernels of one tick on the narrow 7B, on CPU")
+    p.add_argument("--allow-eager", action="store_true", help="exit 0 even if the CUDA graphs could not be captured")
     args = p.parse_args(argv)
     with torch.inference_mode():
         if args.count_ops:
@@ -214,6 +215,10 @@ def main(argv: list[str] | None = None) -> None:
         else:
             result, text = run(args), render
     sys.stdout.write((json.dumps(result) if args.json else text(result)) + "\n")
+    if result.get("cuda_graphs_failed") and not args.allow_eager:
+        sys.stderr.write(f"CUDA graph capture failed ({result['cuda_graphs_failed']}): these are eager figures; "
+                         "pass --allow-eager to accept them\n")
+        sys.exit(3)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ Implements `Engine`:
   * `move(src, dst)`: a conversation moved to another slot (a lone talker in a high slot would
     make every tick step a large bucket);
   * `step(pcm)`: one 80 ms frame for every slot at once: Mimi encode of the user's audio, one
-    LM step, Mimi decode of the agent's codes -> `Frame` (agent audio and text ids).
+    LM step, Mimi decode of the agent's codes -> `Frame` (agent audio and text ids);
+    `step_host`: the same from and to pinned host buffers, with asynchronous copies.
 Every state tensor has a leading slot dimension and every slot its own offsets, so slots start
 and stop independently while the others keep talking. No host synchronisation in `step`.
 """
@@ -18,7 +19,7 @@ and stop independently while the others keep talking. No host synchronisation in
 from __future__ import annotations
 
 import logging
-from collections.abc import Generator, Iterator
+from collections.abc import Callable, Generator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -63,6 +64,36 @@ class Frame:
         return self.tokens[:, 0]  # PAD / EPAD when the agent says nothing new
 
 
+@dataclass
+class HostFrame:
+    """A tick's results in host memory; read them once `ready()` is true."""
+
+    pcm: np.ndarray  # [B, 1920] float32 agent audio
+    text: np.ndarray  # [B] int64 text ids
+    ready: Callable[[], bool]
+
+
+class HostBuffers:
+    """Pinned host buffers for the tick's input and outputs (plain ones without CUDA), so that
+    the copies to and from the device are asynchronous and the device can be waited on."""
+
+    def __init__(self, num_slots: int, device: torch.device) -> None:
+        self.device = device
+        pinned = device.type == "cuda"
+        self.pcm_in = torch.zeros(num_slots, FRAME_SIZE, pin_memory=pinned)
+        self.pcm_out = torch.zeros(num_slots, FRAME_SIZE, pin_memory=pinned)
+        self.text_out = torch.zeros(num_slots, dtype=torch.long, pin_memory=pinned)
+
+    def event(self) -> Callable[[], bool]:
+        """A test of whether the work queued so far on the device is done."""
+        if self.device.type != "cuda":
+            return lambda: True
+        with torch.cuda.device(self.device):
+            done = torch.cuda.Event()
+            done.record()
+        return done.query
+
+
 class Engine:
     """Takes over the streaming state of `models`: one engine per loaded model at a time."""
 
@@ -85,16 +116,23 @@ class Engine:
         # not an allocation to make in the middle of live calls). Work of a kind runs one at a time.
         self._own: dict[str, SwappedStates] = {"prefill": fresh_states(self.gen, 1), "voice": fresh_states(models.mimi, 1)}
         self._graphs: StepGraphs | None = None
+        self.graphs_failed: str | None = None  # why the step runs without CUDA graphs although they were asked for
         if graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs:
             self._graphs = self._capture_graphs()
+        self._host = HostBuffers(num_slots, self.device)
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return self._graphs is not None
 
     @torch.inference_mode()
     def _capture_graphs(self) -> StepGraphs | None:
         graphs = StepGraphs(self._step_bucket, lambda b: (b, FRAME_SIZE), self.device)
         try:
             graphs.capture(self.buckets())
-        except RuntimeError:  # a faster engine is not worth a failed start: run eagerly
+        except RuntimeError as exc:  # a slower engine is better than none: run eagerly, and say so
             logger.exception("capturing the engine step in CUDA graphs failed; running without them")
+            self.graphs_failed = f"{type(exc).__name__}: {exc}"
             graphs = None
         reset_slots(self.models.mimi, None)  # capture stepped every slot: start them afresh
         reset_slots(self.gen, None)
@@ -217,6 +255,18 @@ class Engine:
         if self._graphs is not None and bucket in self._graphs:
             return self._graphs.run(pcm, bucket)  # type: ignore[return-value]
         return self._step_bucket(pcm.to(self.device), bucket)
+
+    @torch.inference_mode()
+    def step_host(self, pcm: np.ndarray, bucket: int) -> HostFrame:
+        """`step` from and to host memory, for the engine thread: the input goes through a pinned
+        buffer with an asynchronous copy, the outputs come back the same way, and `HostFrame.ready`
+        says when the device is done (the caller can sleep meanwhile instead of blocking)."""
+        host = self._host
+        host.pcm_in[:bucket].numpy()[:] = pcm
+        out = self.step(host.pcm_in[:bucket].to(self.device, non_blocking=True), bucket)
+        host.pcm_out[:bucket].copy_(out.pcm, non_blocking=True)
+        host.text_out[:bucket].copy_(out.text, non_blocking=True)
+        return HostFrame(host.pcm_out[:bucket].numpy(), host.text_out[:bucket].numpy(), host.event())
 
     @torch.inference_mode()
     def step_slot(self, pcm: torch.Tensor, slot: int) -> Frame:

@@ -46,14 +46,21 @@ class StepGraphs:
         self.input_shape = input_shape
         self.device = device
         self.warmup = warmup
-        self._pool = torch.cuda.graph_pool_handle() if device.type == "cuda" else None
+        self._pool = None
+        if device.type == "cuda":
+            with torch.cuda.device(device):
+                self._pool = torch.cuda.graph_pool_handle()
         self._captured: dict[int, _Captured] = {}
 
     def capture(self, buckets: list[int]) -> None:
         """Capture the largest bucket first so that the smaller ones reuse its memory pool."""
         for bucket in sorted(buckets, reverse=True):
             static_input = torch.zeros(self.input_shape(bucket), device=self.device)
-            self._captured[bucket] = self._capture_cuda(static_input, bucket) if self._pool is not None else self._emulate(static_input, bucket)
+            if self._pool is None:
+                self._captured[bucket] = self._emulate(static_input, bucket)
+            else:
+                with torch.cuda.device(self.device):  # streams, the graph and its pool on our device, whatever the current one
+                    self._captured[bucket] = self._capture_cuda(static_input, bucket)
             logger.info("captured the engine step for %d slot(s)", bucket)
 
     def _capture_cuda(self, static_input: torch.Tensor, bucket: int) -> _Captured:

@@ -221,6 +221,9 @@ class Service:
 
     def _ready_message(self, slots: int, frame_ms: float) -> str:
         what = f"ready on {self.device} with {slots} conversation slot{'s' * (slots > 1)}; one frame of all slots takes {frame_ms:.0f} ms"
+        assert self.engine is not None
+        if self.engine.graphs_failed:  # loud: the engine works, but slower than it should
+            what += f" without CUDA graphs (their capture failed: {self.engine.graphs_failed})"
         if frame_ms > 80:
             what += (
                 f". That is {frame_ms / 80:.1f}x slower than real time: live audio will stutter. "
@@ -299,6 +302,11 @@ class Service:
             write_wav(partial, result.agent)
             partial.replace(path)
         return path
+
+    @property
+    def graphs_failed(self) -> str | None:
+        """Why the engine runs without the CUDA graphs it should have (None: it has them, or is not on CUDA)."""
+        return self.engine.graphs_failed if self.engine is not None else None
 
     def figures(self) -> EngineFigures | None:
         """The engine now (None before it is loaded)."""

@@ -235,15 +235,6 @@ class EngineWorker:
         with self._cond:
             self._jobs.remove(job)
 
-    def _wait_for_device(self) -> None:
-        """Let the GPU finish the tick while this thread sleeps, so that the event loop serving
-        every connection (WebRTC, Opus) keeps the interpreter meanwhile."""
-        if self.engine.device.type == "cuda":
-            done = torch.cuda.Event()
-            done.record()
-            while not done.query():
-                time.sleep(0.0002)
-
     def _tick(self, live: list[Session]) -> None:
         now = self._clock()
         self._due = self.grid.after(now)
@@ -255,13 +246,12 @@ class EngineWorker:
             if frame is not None:
                 batch[session.slot] = frame
         start = time.perf_counter()
-        out = self.engine.step(torch.from_numpy(batch), bucket)
-        self._wait_for_device()
-        pcm = out.pcm.float().cpu().numpy()  # the tick's results to the host (the device is done)
-        text = out.text.cpu().numpy()
+        out = self.engine.step_host(batch, bucket)
+        while not out.ready():  # the GPU works; this thread sleeps, so the event loop serving
+            time.sleep(0.0002)  # every connection (WebRTC, Opus) keeps the interpreter meanwhile
         self.last_tick_ms = (time.perf_counter() - start) * 1000
         for session in live:
-            session._deliver(pcm[session.slot].copy(), int(text[session.slot]))
+            session._deliver(out.pcm[session.slot].copy(), int(out.text[session.slot]))
 
     def _fit_grid(self, session: Session, wait: float) -> None:
         """A real-time call that is alone moves the ticks to its frames: they come `wait` after

@@ -355,6 +355,10 @@ def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
         monkeypatch.setattr(service, "figures", lambda figures=figures: figures)
         text = app.status_markdown(service)
         assert expected in text and f"dot {dot}" in text, text
+    monkeypatch.setattr(service.engine, "graphs_failed", "RuntimeError: CUDA error: operation not permitted")
+    monkeypatch.setattr(service, "figures", lambda: EngineFigures(0, 2, 9.0))
+    text = app.status_markdown(service)  # a failed capture is said, not only logged
+    assert "running without CUDA graphs" in text and "operation not permitted" in text and "dot busy" in text
 
 
 def test_live_captions_are_escaped_and_show_the_end_of_a_long_turn():
