@@ -29,6 +29,7 @@ from personaplex.loading import Models
 from personaplex.mimi import Mimi
 from personaplex.persona import VoicePrompt, build_prompt
 from personaplex.sampling import SamplingParams
+from personaplex.service import slot_bytes, suggest_slots
 
 VOICE_FRAMES = 50  # 4 s of voice prompt
 ROLE_TOKENS = 60
@@ -38,8 +39,8 @@ def random_models(config: ModelConfig, device: torch.device, dtype: torch.dtype,
     """Mimi and the LM with random weights of a sensible scale, built straight on the device."""
     torch.manual_seed(seed)
     with torch.device("meta"):
-        mimi, lm = Mimi(config.mimi), LMModel(config.lm)
-    mimi, lm = mimi.to_empty(device=device), lm.to_empty(device=device).to(dtype)
+        mimi, lm = Mimi(config.mimi), LMModel(config.lm).to(dtype)  # the LM in its dtype before any memory
+    mimi, lm = mimi.to_empty(device=device), lm.to_empty(device=device)
     for module in (mimi, lm):
         for name, tensor in module.state_dict().items():
             if name.endswith(("alpha", "norm1.weight", "norm2.weight", "cluster_usage", "_initialized")):
@@ -106,6 +107,58 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
+def fill_rings(engine: Engine) -> None:
+    """Move every conversation a whole context on, as if it had talked for 4 minutes: every ring
+    entry is then in every query's window (the worst case for attention over what a slot holds)."""
+    transformer = engine.models.lm.transformer
+    transformer.state.offset.add_(transformer.context)  # type: ignore[union-attr]
+
+
+def memory(device: torch.device) -> dict:
+    if device.type != "cuda":
+        return {}
+    free, total = torch.cuda.mem_get_info(device)
+    return {"allocated_gib": round(torch.cuda.memory_allocated(device) / 2**30, 2),
+            "reserved_gib": round(torch.cuda.memory_reserved(device) / 2**30, 2),
+            "free_gib": round(free / 2**30, 2), "total_gib": round(total / 2**30, 2)}
+
+
+def tick_row(engine: Engine, n: int, args: argparse.Namespace, naive: list[float] | None) -> dict:
+    batched = time_ticks(engine, n, args.ticks, args.warmup)
+    median = statistics.median(batched)
+    row = {
+        "sessions": n, "bucket": engine.bucket_for(n), "median_ms": round(median, 2),
+        "p99_ms": round(percentile(batched, 0.99), 2), "max_ms": round(max(batched), 2), "ticks": len(batched),
+        "rtf": round(median / 80, 3), "frames_per_s": round(n * 1000 / median, 1),
+    }
+    if naive is not None:
+        row["naive_median_ms"] = round(statistics.median(naive), 2)
+        row["speedup_vs_naive"] = round(statistics.median(naive) / median, 2)
+    return row
+
+
+def profile_tick(engine: Engine, n: int) -> dict:
+    """One tick without its graph under the CUDA profiler: its kernels, their time, the top ones."""
+    graphs, engine._graphs = engine._graphs, None
+    bucket = engine.bucket_for(n)
+    pcm = 0.1 * torch.randn(bucket, FRAME_SIZE)
+    for _ in range(3):
+        engine.step(pcm, bucket)
+    sync(engine.device)
+    activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
+    with torch.profiler.profile(activities=activities) as prof:
+        engine.step(pcm, bucket)
+        sync(engine.device)
+    engine._graphs = graphs
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    by_name: dict[str, float] = {}
+    for k in kernels:
+        by_name[k.name] = by_name.get(k.name, 0.0) + k.device_time
+    top = sorted(by_name.items(), key=lambda kv: -kv[1])[:15]
+    return {"sessions": n, "bucket": bucket, "kernels": len(kernels), "gpu_time_ms": round(sum(by_name.values()) / 1000, 2),
+            "top_kernels_us": {name[:120]: round(us, 1) for name, us in top}}
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     config = PRESETS[args.preset]
@@ -116,55 +169,82 @@ def run(args: argparse.Namespace) -> dict:
         torch.set_num_threads(args.threads)
     sessions = [int(s) for s in args.sessions.split(",")]
     models = random_models(config, device, dtype)
+    after_weights = memory(device)
+    skipped = []
+    if device.type == "cuda":  # only the session counts the card holds (no OOM on an 80 GB card)
+        fits = suggest_slots(config, dtype, device, cap=max(sessions))
+        skipped = [n for n in sessions if n > fits]
+        sessions = [n for n in sessions if n <= fits] or [fits]
     engine = Engine(models, num_slots=max(sessions))
     for slot in range(max(sessions)):
         engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot))
-    rows = []
+    after_engine = memory(device)
+    rows, one_session = [], None
     for n in sessions:
-        batched = time_ticks(engine, n, args.ticks, args.warmup)
-        median = statistics.median(batched)
-        if device.type == "cuda":
-            naive = [t * n for t in time_ticks(engine, 1, args.ticks, args.warmup)]
+        if device.type == "cuda":  # derived: the reference runs one session at a time, each as this one
+            one_session = one_session or time_ticks(engine, 1, args.ticks, args.warmup)
+            naive = [t * n for t in one_session]
         else:
             naive = time_naive(engine, n, max(3, args.ticks // 4))
-        naive_median = statistics.median(naive)
-        rows.append({
-            "sessions": n, "bucket": engine.bucket_for(n), "median_ms": round(median, 2),
-            "p99_ms": round(percentile(batched, 0.99), 2), "rtf": round(median / 80, 3),
-            "frames_per_s": round(n * 1000 / median, 1), "naive_median_ms": round(naive_median, 2),
-            "speedup_vs_naive": round(naive_median / median, 2),
-        })
+        rows.append(tick_row(engine, n, args, naive))
     ttfa = {
         "prefill_ms": round(time_to_first_audio(engine, config, True, args.repeats), 1),
         "stepped_ms": round(time_to_first_audio(engine, config, False, max(1, args.repeats // 2)), 1),
     }
     result = {
         "preset": args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "cuda_graphs": engine.cuda_graphs, "cuda_graphs_failed": engine.graphs_failed, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+        "cuda_graphs": engine.cuda_graphs, "cuda_graphs_failed": engine.graphs_failed,
+        "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
-        "torch": torch.__version__, "ticks": args.ticks, "rows": rows, "time_to_first_audio": ttfa,
+        "torch": torch.__version__, "cuda": torch.version.cuda, "ticks": args.ticks, "rows": rows,
+        "naive": "derived: n x the graphed 1-session tick" if device.type == "cuda" else "measured: one session after another",
+        "time_to_first_audio": ttfa,
     }
+    result["skipped_sessions"] = skipped
+    fill_rings(engine)  # the worst case: every ring full
+    result["full_rings"] = tick_row(engine, max(sessions), args, None)
+    if engine.cuda_graphs and args.eager_too:  # the same engine, its graphs set aside
+        graphs, engine._graphs = engine._graphs, None
+        eager = argparse.Namespace(**{**vars(args), "ticks": max(20, args.ticks // 5)})
+        result["eager_rows"] = [tick_row(engine, n, eager, None) for n in sessions]
+        engine._graphs = graphs
+    if args.profile and device.type == "cuda":
+        result["profile"] = {str(n): profile_tick(engine, n) for n in sorted({1, max(sessions)})}
     if device.type == "cuda":
-        result["max_memory_gib"] = round(torch.cuda.max_memory_allocated(device) / 2**30, 2)
+        result["memory"] = {"after_weights": after_weights, "after_engine": after_engine,
+                            "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
+                            "slot_bytes_estimate": slot_bytes(config, dtype),
+                            "slot_bytes_measured": round((2**30 * (after_engine["allocated_gib"] - after_weights["allocated_gib"]))
+                                                         / (max(sessions) + 1))}
     return result
 
 
 def render(result: dict) -> str:
     lines = [
         f"{result['preset']} on {result['device']} ({result['hardware']}), {result['dtype']}, "
-        f"CUDA graphs: {result['cuda_graphs']}, {result['ticks']} ticks per row",
-        "sessions  bucket  median ms  p99 ms    RTF  frames/s  naive ms  speed-up",
+        f"CUDA graphs: {result['cuda_graphs']}, {result['ticks']} ticks per row; naive: {result['naive']}",
+        "sessions  bucket  median ms  p99 ms  max ms    RTF  frames/s  naive ms  speed-up",
     ]
     for r in result["rows"]:
         lines.append(
-            f"{r['sessions']:>8}  {r['bucket']:>6}  {r['median_ms']:>9}  {r['p99_ms']:>6}  {r['rtf']:>5}  "
+            f"{r['sessions']:>8}  {r['bucket']:>6}  {r['median_ms']:>9}  {r['p99_ms']:>6}  {r['max_ms']:>6}  {r['rtf']:>5}  "
             f"{r['frames_per_s']:>8}  {r['naive_median_ms']:>8}  {r['speedup_vs_naive']:>7}x"
         )
+    f = result["full_rings"]
+    lines.append(f"every ring full, {f['sessions']} sessions: median {f['median_ms']} ms, p99 {f['p99_ms']} ms, max {f['max_ms']} ms")
+    if result.get("skipped_sessions"):
+        lines.append(f"not measured (they do not fit this card): {result['skipped_sessions']} sessions")
+    for n, prof in result.get("profile", {}).items():
+        lines.append(f"profile, {n} sessions: {prof['kernels']} kernels, {prof['gpu_time_ms']} ms of GPU time")
+    for r in result.get("eager_rows", []):
+        lines.append(f"without CUDA graphs, {r['sessions']} sessions: median {r['median_ms']} ms, p99 {r['p99_ms']} ms")
     t = result["time_to_first_audio"]
     lines.append(f"time to first audio (4 s voice + {ROLE_TOKENS}-token role): prefill {t['prefill_ms']} ms, "
                  f"frame by frame {t['stepped_ms']} ms")
-    if "max_memory_gib" in result:
-        lines.append(f"peak device memory: {result['max_memory_gib']} GiB")
+    if "memory" in result:
+        m = result["memory"]
+        lines.append(f"memory: {m['after_engine']}, peak {m['peak_allocated_gib']} GiB; per slot "
+                     f"{m['slot_bytes_measured'] / 2**20:.0f} MiB measured, {m['slot_bytes_estimate'] / 2**20:.0f} MiB estimated")
     return "\n".join(lines)
 
 
@@ -208,6 +288,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--count-ops", action="store_true", help="count the kernels of one tick on the narrow 7B, on CPU")
     p.add_argument("--allow-eager", action="store_true", help="exit 0 even if the CUDA graphs could not be captured")
+    p.add_argument("--eager-too", action="store_true", help="on CUDA, also time every row without the graphs")
+    p.add_argument("--profile", action="store_true", help="on CUDA, profile one tick (kernels and their time)")
     args = p.parse_args(argv)
     with torch.inference_mode():
         if args.count_ops:

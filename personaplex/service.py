@@ -50,6 +50,7 @@ PREVIEW_SEED = 1
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 CUSTOM_VOICE_PREFIX = "custom:"
 MAX_PLANS = 64  # persona prompts kept ready (the presets, and recent custom roles)
+MAX_TICK_MS = 70.0  # the default number of conversations keeps one tick of all of them under this
 SLOT_MEMORY_RESERVE = 4 * 1024**3  # activations, CUDA graphs, allocator slack
 
 
@@ -171,6 +172,8 @@ class Service:
             self.worker = EngineWorker(self.engine)
             self._set(State.WARMING_UP, "warming up")
             frame_ms = self._warm_up()
+            if not s.max_sessions:  # as many as fit, and as many as one tick serves in time
+                slots, frame_ms = self._fit_sessions(frame_ms)
             with self._lock:
                 self._set(State.READY, self._ready_message(slots, frame_ms), frame_ms)
                 callbacks, self._when_ready = self._when_ready, []
@@ -205,19 +208,32 @@ class Service:
             )
         return torch.bfloat16 if weights > 2 * 1024**3 else None  # a 7B in float32 would not fit in RAM
 
-    def _warm_up(self) -> float:
-        """One batched step over every slot, twice; the second one's time is the frame cost."""
+    def _warm_up(self, bucket: int | None = None) -> float:
+        """One batched step over `bucket` slots (all by default), twice; the second one's time."""
         assert self.worker is not None and self.engine is not None
         engine = self.engine
+        bucket = bucket or engine.num_slots
 
         def tick() -> float:
             start = time.perf_counter()
-            out = engine.step(torch.zeros(engine.num_slots, FRAME_SIZE))
+            out = engine.step(torch.zeros(bucket, FRAME_SIZE), bucket)
             out.pcm.cpu()
             return (time.perf_counter() - start) * 1000
 
         self.worker.call(tick).result()
         return self.worker.call(tick).result()
+
+    def _fit_sessions(self, full_ms: float) -> tuple[int, float]:
+        """The largest bucket whose tick stays under `MAX_TICK_MS` (the rest of the 80 ms frame is
+        the margin that keeps calls in real time); the worker takes no more calls than that."""
+        assert self.worker is not None and self.engine is not None
+        usable, tick_ms = self.engine.num_slots, full_ms
+        for bucket in sorted(self.engine.buckets(), reverse=True)[1:]:
+            if tick_ms <= MAX_TICK_MS:
+                break
+            usable, tick_ms = bucket, self._warm_up(bucket)
+        self.worker.max_live = usable
+        return usable, tick_ms
 
     def _ready_message(self, slots: int, frame_ms: float) -> str:
         what = f"ready on {self.device} with {slots} conversation slot{'s' * (slots > 1)}; one frame of all slots takes {frame_ms:.0f} ms"
@@ -315,7 +331,7 @@ class Service:
             return None
         live = worker.live_sessions
         tick_ms = worker.last_tick_ms if live else (self.status.frame_ms or 0.0)
-        return EngineFigures(live, engine.num_slots, tick_ms)
+        return EngineFigures(live, min(engine.num_slots, worker.max_live), tick_ms)
 
     # --- conversations ------------------------------------------------------------------
     def plan(self, voice: str, role: str) -> PromptPlan:

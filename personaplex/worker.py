@@ -85,6 +85,7 @@ class EngineWorker:
         self.engine = engine
         self.grid = grid or TickGrid(epoch=clock())
         self.last_tick_ms = 0.0
+        self.max_live = engine.num_slots  # conversations at once (fewer when a full tick would be too slow)
         self._clock = clock
         self._cond = threading.Condition()
         self._jobs: collections.deque[_Job] = collections.deque()
@@ -124,8 +125,10 @@ class EngineWorker:
             if session.phase is Phase.ENDED:
                 return
             free = [s for s in range(self.engine.num_slots) if s not in self._sessions]
-            if not free:
-                raise Busy(f"all {self.engine.num_slots} conversation slots are in use: try again in a minute")
+            if not free or len(self._sessions) >= self.max_live:
+                n = min(self.engine.num_slots, self.max_live)
+                taken = f"all {n} conversation slots are" if n > 1 else "the one conversation slot is"
+                raise Busy(f"{taken} in use: try again in a minute")
             session._bind(self, free[0], plan.offset, describe)
             self._sessions[free[0]] = session
 

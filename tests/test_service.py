@@ -87,3 +87,20 @@ def test_a_voice_stored_as_audio_is_encoded_on_the_engine_thread(tmp_path):
         session.end("stopped", "bye")
     finally:
         svc.worker.stop()
+
+
+def test_by_default_it_takes_no_more_calls_than_one_tick_serves_in_time(monkeypatch):
+    from personaplex.session import Session
+    from personaplex.worker import Busy
+
+    monkeypatch.setattr(service_module, "MAX_TICK_MS", 1e-6)  # every bucket too slow: down to one call
+    svc = Service(Settings(checkpoint=str(CHECKPOINT), config=str(TINY_CONFIG), device="cpu"))
+    svc.start()
+    assert svc.wait_ready(60).ready and svc.engine.num_slots == 4 and svc.worker.max_live == 1
+    assert svc.figures().slots == 1 and "with 1 conversation slot;" in svc.status.message
+    first = Session()
+    svc.start_call(first, "TESTV0", "", service_module.SamplingParams())
+    with pytest.raises(Busy, match="the one conversation slot is in use"):
+        svc.start_call(Session(), "TESTV0", "", service_module.SamplingParams())
+    first.end("stopped", "bye")
+    svc.worker.stop()

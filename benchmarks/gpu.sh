@@ -1,0 +1,27 @@
+#!/usr/bin/env bash
+# The GPU suite in one command, for whoever has a CUDA GPU (about 10 minutes on an H100/H200):
+# the device and versions, the GPU tests, the engine benchmark on the 7B preset in bf16 (random
+# weights) at 1 to 64 sessions (as many as the card holds) with CUDA graphs and without, every
+# ring full, memory, a profile of one tick, and the kernel count. Writes benchmarks/out/gpu-*.json
+# (the benchmark) and gpu-*.log (everything). Run it from a clone after ./run_tests.sh (or with
+# PYTHON pointing at an interpreter that has requirements-dev.txt).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+out=benchmarks/out
+mkdir -p "$out"
+stamp=$(date -u +%Y%m%d-%H%M%S)
+log="$out/gpu-$stamp.log"
+json="$out/gpu-$stamp.json"
+status=0
+exec > >(tee "$log") 2>&1  # everything below goes to the screen and to the log
+echo "== device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+echo "== GPU tests"; "$PY" -m pytest -q tests/test_gpu.py || status=1
+echo "== benchmark: 7B, bf16, CUDA graphs, then without; every ring full; memory; profile"
+"$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,16,32,64 --ticks 1000 --eager-too --profile --json > "$json" \
+    || status=$?
+"$PY" -c "import json, sys; from benchmarks.step import render; print(render(json.load(open(sys.argv[1]))))" "$json" || true
+echo "== kernels per tick (counted on the CPU)"; "$PY" -m benchmarks.step --count-ops --sessions 1,8 || status=1
+echo "wrote $json and $log (exit $status)"
+exit "$status"
