@@ -50,10 +50,12 @@ ASSETS = Path(__file__).parent / "assets"
 RELEASE_VOICES = [f"NAT{g}{i}" for g in "FM" for i in range(4)] + [f"VAR{g}{i}" for g in "FM" for i in range(5)]
 CUSTOM_VOICE = "Custom voice (uploaded)"
 UPDATE_EVERY = 3  # frames between page updates (about 4 a second: who is speaking stays live)
+MAX_PENDING_UPDATES = 2  # updates not sent yet beyond which a new one is skipped (the next carries it all)
 ARGS_TIMEOUT_S = 3.0  # the page sends a call's settings within this time of connecting, or the call ends
 END_STREAM_DELAY_S = 0.3  # the last captions and files reach the page before the call is closed
 CLOSE_DELAY_S = 0.5  # then the browser closes its side; the server closes its own after this
-CAPTION_TURNS = 50  # turns shown live (the transcript file has them all)
+CAPTION_TURNS = 20  # turns shown live (the transcript file has them all)
+DETAILS_EVERY_S = 1.0  # the call's figures change slowly: sent once a second
 CAPTION_CHARS = 1500  # of a turn shown live: its end
 STATUS_EVERY_S = 2.0
 INPUT_RATE = 2 * SAMPLE_RATE  # the microphone as fastrtc decodes it (Opus: 48 kHz)
@@ -126,8 +128,8 @@ class CallUpdate:
 
     owner: str | None
     live: str  # html: who is speaking, and the verdict
-    conversation: list[dict]  # chat messages, turn by turn
-    details: str  # html: the figures
+    conversation: list[dict] | None  # chat messages, turn by turn (None: as last sent)
+    details: str | None  # html: the figures (None: as last sent)
     files: tuple[str, str] | None = None  # after the call: the recording and the transcript
 
 
@@ -155,6 +157,8 @@ class ConversationHandler(AsyncStreamHandler):
         self.owner: str | None = None
         self.call_id: str | None = None
         self._since_update = 0
+        self._sent_messages: list[dict] | None = None
+        self._details_at = -float("inf")
         self._finished = False  # the ending was shown; the stream is closing
         self._logged = False
 
@@ -198,7 +202,7 @@ class ConversationHandler(AsyncStreamHandler):
             self.view.add(out)
             audio = (SAMPLE_RATE, float_to_int16(out.pcm)[None])
             self._since_update += 1
-            if (out.text or self._since_update >= UPDATE_EVERY) and self._channel_open():
+            if self._since_update >= UPDATE_EVERY and self._channel_open() and self._pending_updates() < MAX_PENDING_UPDATES:
                 self._since_update = 0
                 return audio, AdditionalOutputs(self._update())
             return audio
@@ -261,6 +265,13 @@ class ConversationHandler(AsyncStreamHandler):
             return False
         return self._named_args()["mute"] is True
 
+    def _pending_updates(self) -> int:
+        """Page updates fastrtc holds for this call that Gradio has not sent yet (its queue is
+        unbounded: when the server falls behind, each update would otherwise pile up)."""
+        connections = self.calls.connections
+        queue = connections.additional_outputs.get(self.call_id) if connections is not None and self.call_id else None
+        return queue.queue.qsize() if queue is not None else 0
+
     def _connection(self):  # -> aiortc.RTCPeerConnection | None
         connections = self.calls.connections
         return connections.pcs.get(self.call_id) if connections is not None and self.call_id else None
@@ -279,10 +290,18 @@ class ConversationHandler(AsyncStreamHandler):
         recording = session.recording
         if final and recording is not None and recording.closed.is_set() and recording.model_frames:
             files = (str(recording.wav_path), str(recording.transcript_path))
-        pc = self._connection()
-        connection = pc.connectionState if pc is not None else "closed"
-        return CallUpdate(self.owner, live_html(view, session, self.calls.service),
-                          conversation_messages(view.captions), details_html(session, tick_ms, connection), files)
+        # Only what changed goes to the page: Gradio re-validates a chat's every message at each
+        # update, work that shares the interpreter with the engine thread.
+        messages = conversation_messages(view.captions)
+        conversation = messages if final or messages != self._sent_messages else None
+        self._sent_messages = messages
+        details = None
+        now = asyncio.get_running_loop().time() if not final else 0.0
+        if final or now - self._details_at >= DETAILS_EVERY_S:
+            pc = self._connection()
+            details = details_html(session, tick_ms, pc.connectionState if pc is not None else "closed")
+            self._details_at = now
+        return CallUpdate(self.owner, live_html(view, session, self.calls.service), conversation, details, files)
 
 
 def current_connection() -> str | None:
@@ -358,7 +377,9 @@ def show_update(owner: Any, update: Any):
     files = update.files
     recording = gr.update(value=files[0], visible=True) if files else keep
     transcript = gr.update(value=files[1], visible=True) if files else keep
-    return update.live, update.conversation, update.details, recording, transcript
+    conversation = keep if update.conversation is None else update.conversation
+    details = keep if update.details is None else update.details
+    return update.live, conversation, details, recording, transcript
 
 
 def stopped_call_files(service: Service, webrtc_value: Any, owner: Any):

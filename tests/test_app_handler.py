@@ -59,6 +59,7 @@ class FakeConnection:
 class FakeConnections:
     def __init__(self) -> None:
         self.pcs: dict[str, FakeConnection] = {}
+        self.additional_outputs: dict = {}  # fastrtc's per-call queues of page updates not sent yet
 
 
 def make_handler(service, limits: Limits = REALTIME, call_id="call-1", **values):
@@ -137,9 +138,12 @@ def test_every_80_ms_in_gives_80_ms_out_with_silence_while_the_prompt_loads(serv
     assert len(audio) == 20 and all(rate == SAMPLE_RATE and pcm.shape == (1, 1920) for rate, pcm in audio)
     assert sum(pcm.any() for _, pcm in audio) >= 18
     assert updates and all(u.owner == OWNER for u in updates)
-    assert any(m["role"] == "assistant" for m in updates[-1].conversation)  # the tiny model always talks
-    assert any(m["role"] == "user" and "spoke for" in m["content"] for m in updates[-1].conversation)  # and the user did
-    assert "You" in updates[-1].live and "Model" in updates[-1].live and "engine tick" in updates[-1].details
+    conversation = [u.conversation for u in updates if u.conversation is not None][-1]  # sent when it changes
+    details = [u.details for u in updates if u.details is not None]  # sent once a second
+    assert any(m["role"] == "assistant" for m in conversation)  # the tiny model always talks
+    assert any(m["role"] == "user" and "spoke for" in m["content"] for m in conversation)  # and the user did
+    assert "You" in updates[-1].live and "Model" in updates[-1].live and "engine tick" in details[-1]
+    assert len(details) < len(updates)  # not every update carries the figures
     assert service.worker.live_sessions == 0
     recording = handler.session.recording
     with wave.open(str(recording.wav_path)) as w:
@@ -370,3 +374,27 @@ def test_live_captions_are_escaped_and_show_the_end_of_a_long_turn():
     (message,) = app.conversation_messages(t)
     assert message["role"] == "assistant" and message["content"].startswith("0:00 · …")
     assert message["content"].endswith("word &lt;w&gt;") and len(message["content"]) < app.CAPTION_CHARS + 20
+
+
+def test_page_updates_wait_while_the_page_has_not_taken_the_last_ones(service):
+    """fastrtc queues every update without bound; a server that falls behind would pile them up."""
+    import types
+
+    async def scenario():
+        handler = make_handler(service)
+        await handler.start_up()
+        while handler.session.phase.value != "live":
+            await asyncio.sleep(0.01)
+        backlog = types.SimpleNamespace(queue=asyncio.Queue())
+        handler.calls.connections.additional_outputs["call-1"] = backlog
+        for _ in range(app.MAX_PENDING_UPDATES):
+            backlog.queue.put_nowait(object())
+        _, held = await talk(handler, mic_chunks(40))  # 0.8 s: 10 frames, 3 updates due
+        while not backlog.queue.empty():
+            backlog.queue.get_nowait()
+        _, sent = await talk(handler, mic_chunks(40, seed=2))
+        await handler.shutdown()
+        return held, sent
+
+    held, sent = asyncio.run(scenario())
+    assert held == [] and len(sent) >= 2
