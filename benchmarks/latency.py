@@ -83,7 +83,7 @@ class Client:
 
     def latencies_ms(self, since: float, until: float) -> list[float]:
         """Push of the completing chunk -> answer, for the frames completed in [since, until)."""
-        shift = getattr(self.session, "framing_shift", 0)  # zeros the session put in front of its frames
+        shift = getattr(self.session, "framing_shift", 0) or 0  # zeros the session put in front of its frames (none: not aligned)
         out = []
         for k, answered in self.answered_at.items():
             end = (k + 1) * FRAME_SIZE - shift  # the frame's last input sample (raw stream)

@@ -15,13 +15,9 @@ Implements:
     One idle timeout and an optional time limit end the session; the engine thread checks them
     too, so a vanished client cannot keep a slot. The text and the recording are built on the
     threads that push and take audio, never on the engine thread.
-  * Framing aligned to the engine's tick: a real-time session watches when its client's chunks
-    arrive over its first half second, then shifts where its 80 ms frames begin, once, by
-    putting up to one frame of zeros in front of the next samples (every sample is kept, in
-    order), so that its frames are complete just before the engine's ticks (`TickGrid`): the
-    wait for the tick is then at most one of the client's chunks, whatever its phase (and
-    `EngineWorker` moves its ticks to a call that is alone, so that even that goes).
-  * `Limits` (`REALTIME`, `OFFLINE`), `TickGrid`, `Ending`, `Output`, `SessionStats`.
+  * Framing aligned to the engine's tick: the session shifts where its frames begin, once,
+    as `personaplex.framing` chooses (zeros in front, every sample kept).
+  * `Limits` (`REALTIME`, `OFFLINE`), `Ending`, `Output`, `SessionStats`.
 
 The engine thread sees a session only through `_take` (its input for a tick) and `_deliver`
 (the tick's answer), which `EngineWorker` calls. A tick that finds no input steps the slot with
@@ -35,10 +31,9 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import math
 import threading
 import time
-from collections import defaultdict, deque
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
@@ -47,8 +42,9 @@ import numpy as np
 
 from .audio import FrameBuffer
 from .config import FRAME_RATE, FRAME_SIZE
+from .framing import ALIGN_WATCH_S, Aligner
 from .recording import CallRecording
-from .transcript import FRAME_S, SILENT_DB, SPEECH_DB, level_db
+from .transcript import FRAME_S, SPEECH_DB, level_db
 
 if TYPE_CHECKING:
     from .worker import EngineWorker
@@ -56,11 +52,6 @@ if TYPE_CHECKING:
 SILENCE = np.zeros(FRAME_SIZE, dtype=np.float32)
 GAP_TOLERANCE_S = 0.5  # input that pauses longer than this leaves silence in the recording
 UNBOUND_BACKLOG = 125  # frames kept for the recording before a session has one (10 s)
-ALIGN_MIN_CHUNKS = 3  # chunk arrivals seen before going live that are enough to shift the framing then
-ALIGN_WATCH_S = 0.5  # otherwise the arrivals are watched this long, live
-ALIGN_MAX_CHUNKS = 64
-ALIGN_LEAD_S = 0.005  # a frame should be complete this long before its tick (jitter of the pushes)
-ALIGN_QUANTILE = 0.95  # of the observed waits: jitter beyond it costs a late frame now and then
 
 
 @dataclass(frozen=True)
@@ -77,21 +68,6 @@ class Limits:
 
 REALTIME = Limits()
 OFFLINE = Limits(realtime=False, idle_timeout_s=float("inf"))
-
-
-@dataclass(frozen=True)
-class TickGrid:
-    """The engine's tick times while real-time calls are live: epoch + k * period."""
-
-    epoch: float
-    period_s: float = 1 / FRAME_RATE
-
-    def after(self, t: float) -> float:
-        """The first grid point later than `t`."""
-        return self.epoch + (math.floor((t - self.epoch) / self.period_s) + 1) * self.period_s
-
-    def at_or_after(self, t: float) -> float:
-        return self.epoch + math.ceil((t - self.epoch) / self.period_s) * self.period_s
 
 
 class Phase(enum.Enum):
@@ -177,10 +153,8 @@ class Session:
         self._describe: Callable[[int], str] = lambda _: ""
         self._waiters = _Waiters()
         self._worker: EngineWorker | None = None
-        self._arrivals: list[tuple[float, int]] = []  # (time, samples received) after each chunk, until aligned
-        self._received = 0  # samples pushed by the client
-        self._model_db = SILENT_DB  # loudness of the model's latest answer
-        self.framing_shift: int | None = None if limits.realtime else 0  # zeros put in front of the frames, once
+        self._aligner = Aligner(active=limits.realtime)
+        self._last_answer: np.ndarray | None = None  # the model's latest audio (is it speaking?)
         self.slot: int | None = None
         self.prompt_frames = 0
         self.phase = Phase.WAITING
@@ -323,7 +297,7 @@ class Session:
         wait = None
         with self._cond:
             if self.phase is Phase.STARTING:
-                if len(self._arrivals) >= ALIGN_MIN_CHUNKS:  # shift now: nothing is queued for the engine yet
+                if self._aligner.ready:  # shift now: nothing is queued for the engine yet
                     frames, wait = self._shift_framing()
                     for frame in frames:
                         self._accept(frame, self._clock())
@@ -358,7 +332,7 @@ class Session:
                 self.stats.idle_ticks += 1  # a tick without input: nothing to answer
             elif frame.state is _State.TAKEN:
                 frame.agent, frame.text_id, frame.state = pcm, text_id, _State.DONE
-                self._model_db = level_db(pcm)
+                self._last_answer = pcm
                 self._cond.notify_all()
             # else: given up on (a stalled engine) or dropped meanwhile, and counted there
         self._waiters.wake()
@@ -384,23 +358,23 @@ class Session:
     def _align(self, now: float, samples: int) -> list[np.ndarray]:
         """Watch the client's chunks arrive. The framing is shifted when the session goes live
         (`_go_live`), or, if the client had not sent enough by then, once it has been watched
-        for `ALIGN_WATCH_S`. Returns the frames a shift completed."""
-        self._received += samples
-        if self.framing_shift is not None:
-            return []
-        self._arrivals.append((now, self._received))
-        del self._arrivals[:-ALIGN_MAX_CHUNKS]
-        if self.phase is not Phase.LIVE or now - self._arrivals[0][0] < ALIGN_WATCH_S:
+        live for `ALIGN_WATCH_S`. Returns the frames a shift completed."""
+        self._aligner.observe(now, samples)
+        if self.phase is not Phase.LIVE or not self._aligner.ready or self._aligner.watched_s(now) < ALIGN_WATCH_S:
             return []
         return self._shift_framing()[0]
 
     def _shift_framing(self) -> tuple[list[np.ndarray], float]:
-        """Put the zeros of `best_shift` in front of the next samples: the frames they complete,
-        and the wait for a tick the frames will have."""
+        """Put the zeros the aligner chooses in front of the next samples: the frames they
+        complete, and the wait for a tick the frames will have."""
         assert self._worker is not None
-        self.framing_shift, wait = best_shift(self._arrivals, self._worker.grid)
-        self._arrivals.clear()
-        return self._framer.push(np.zeros(self.framing_shift, dtype=np.float32)), wait
+        shift, wait = self._aligner.choose(self._worker.grid)
+        return self._framer.push(np.zeros(shift, dtype=np.float32)), wait
+
+    @property
+    def framing_shift(self) -> int | None:
+        """Zeros put in front of the frames to align them to the ticks (None: not yet)."""
+        return self._aligner.shift
 
     def _trim_backlog(self, now: float) -> None:
         """A tick takes one frame, so a frame more than the tick's (after a late frame or a
@@ -411,7 +385,8 @@ class Session:
         while len(self._queue) > 1 and now - self._queue[0].arrived > FRAME_S:
             forced = len(self._queue) > self.limits.max_queued
             head = self._queue[0]
-            if not forced and (level_db(head.user) > SPEECH_DB or self._model_db > SPEECH_DB):
+            model_speaks = self._last_answer is not None and level_db(self._last_answer) > SPEECH_DB
+            if not forced and (level_db(head.user) > SPEECH_DB or model_speaks):
                 return  # someone is speaking: wait for a pause
             self._queue.popleft().state = _State.DONE
             head.trimmed = not forced
@@ -490,23 +465,6 @@ class Session:
         self._recorded_until = max(self._recorded_until, frame.arrived) + FRAME_S
         text = self._describe(frame.text_id) if frame.text_id is not None else ""
         recording.add(frame.user, frame.agent, text)
-
-
-def best_shift(arrivals: list[tuple[float, int]], grid: TickGrid) -> tuple[int, float]:
-    """Zeros to put in front of the next samples so that frames end where the client's chunks
-    end that arrive closest before a tick (`ALIGN_LEAD_S` ahead, for `ALIGN_QUANTILE` of them),
-    and the wait for the tick those chunks have.
-
-    arrivals: (arrival time, samples received so far) after each chunk. A frame completes with
-    the chunk that brings its last sample; after a shift of p zeros, frames end at the sample
-    counts n with n + p = 0 (mod 1920). For each possible end n (mod 1920) the waits from the
-    chunks' arrivals to the first tick `ALIGN_LEAD_S` later are compared."""
-    waits: dict[int, list[float]] = defaultdict(list)
-    for t, received in arrivals:
-        waits[received % FRAME_SIZE].append(grid.after(t + ALIGN_LEAD_S) - t)
-    quantiles = {end: float(np.quantile(w, ALIGN_QUANTILE)) for end, w in waits.items()}
-    best = min(quantiles, key=lambda end: (quantiles[end], end))
-    return (-best) % FRAME_SIZE, quantiles[best]
 
 
 def _minutes(seconds: float) -> str:

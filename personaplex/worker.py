@@ -38,9 +38,10 @@ import torch
 from .config import FRAME_SIZE
 from .engine import Engine
 from .errors import UserError
+from .framing import ALIGN_LEAD_S, TickGrid
 from .generate import PromptPlan
 from .sampling import SamplingParams
-from .session import ALIGN_LEAD_S, Phase, Session, TickGrid
+from .session import Phase, Session
 
 logger = logging.getLogger(__name__)
 

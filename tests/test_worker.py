@@ -261,7 +261,7 @@ def test_a_lone_call_in_a_high_slot_moves_down_and_goes_on_unchanged(models, wor
 
 
 def test_the_ticks_move_to_a_call_that_is_alone_and_stay_for_the_next(worker):
-    from personaplex.session import ALIGN_LEAD_S
+    from personaplex.framing import ALIGN_LEAD_S
     from personaplex.worker import GRID_FIT_MARGIN_S
 
     first, second = open_session(worker), open_session(worker)
