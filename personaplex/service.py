@@ -50,6 +50,7 @@ PREVIEW_SEED = 1
 MAX_UPLOAD_BYTES = 50 * 1024 * 1024
 CUSTOM_VOICE_PREFIX = "custom:"
 MAX_PLANS = 64  # persona prompts kept ready (the presets, and recent custom roles)
+MAX_CUSTOM_VOICES = 64  # encoded custom voices kept
 MAX_TICK_MS = 70.0  # the default number of conversations keeps one tick of all of them under this
 SLOT_MEMORY_RESERVE = 4 * 1024**3  # activations, CUDA graphs, allocator slack
 
@@ -293,17 +294,15 @@ class Service:
             raise AudioError(f"the clip is {seconds:.1f} s long; use at most {high:g} s of speech")
         if seconds < low:
             raise AudioError(f"the clip is {seconds:.1f} s long; use at least {low:g} s of speech")
-        clip = self.files.cached(key.removeprefix(CUSTOM_VOICE_PREFIX) + ".wav")
-        normalised = normalize_loudness(pcm)
-        write_wav(clip, normalised)  # what the model will hear, to play back
+        clip = self.files.cached(key.removeprefix(CUSTOM_VOICE_PREFIX) + ".wav")  # what the model hears, to play back
         with self._lock:
-            if key in self._custom:
+            if key in self._custom and clip.exists():  # the same clip again: nothing to redo
                 return CustomVoice(key, seconds, clip)
+        normalised = normalize_loudness(pcm)
+        write_wav(clip, normalised)
         voice = worker.run(engine.voice_pieces(normalised)).result()  # between ticks, a few frames at a time
         with self._lock:
-            self._custom[key] = voice
-            while len(self._custom) > 64:
-                self._custom.popitem(last=False)
+            _keep(self._custom, key, voice, MAX_CUSTOM_VOICES)
         return CustomVoice(key, seconds, clip)
 
     def voice_preview(self, voice: str) -> Path:
@@ -343,14 +342,10 @@ class Service:
         key = (voice, role)
         with self._lock:
             plan = self._plans.get(key)
-            if plan is not None:
-                self._plans.move_to_end(key)
-                return plan
-        plan = engine.plan(engine.prompt(self.voice(voice), role))
+        if plan is None:
+            plan = engine.plan(engine.prompt(self.voice(voice), role))
         with self._lock:
-            self._plans[key] = plan
-            while len(self._plans) > MAX_PLANS:
-                self._plans.popitem(last=False)
+            _keep(self._plans, key, plan, MAX_PLANS)
         return plan
 
     def describe(self, text_id: int) -> str:
@@ -407,6 +402,14 @@ def cpu_threads() -> int:
 def _lm_parameter_count(config: ModelConfig) -> dict[str, int]:
     with torch.device("meta"):
         return {name: p.numel() for name, p in LMModel(config.lm).named_parameters()}
+
+
+def _keep(cache: OrderedDict, key: object, value: object, limit: int) -> None:
+    """Put `value` in the least-recently-used `cache`, which keeps the `limit` newest."""
+    cache[key] = value
+    cache.move_to_end(key)
+    while len(cache) > limit:
+        cache.popitem(last=False)
 
 
 def slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
