@@ -296,7 +296,7 @@ class ConversationHandler(AsyncStreamHandler):
         conversation = messages if final or messages != self._sent_messages else None
         self._sent_messages = messages
         details = None
-        now = asyncio.get_running_loop().time() if not final else 0.0
+        now = asyncio.get_running_loop().time()
         if final or now - self._details_at >= DETAILS_EVERY_S:
             pc = self._connection()
             details = details_html(session, tick_ms, pc.connectionState if pc is not None else "closed")
