@@ -12,6 +12,15 @@ ring entry with a future position once the ring has wrapped and so hides it; ups
 fixed that and the models were trained without it, so we implement the correct window. The
 fork and this code therefore agree until the first wrap (Mimi frame 124, LM step 3000).
 
+Pinned prompt (REFERENCE_SPEC's "where we differ", issue "the persona stays"): with `pinning`
+on, a slot whose `pinned` count P > 0 keeps the keys and values of its first P steps (the system
+prompt) in ring entries 0..P-1 for the whole conversation; later steps slide through the other
+`context - P` entries. Positions are cache-relative: once the window is full, the query is
+placed at position `context - 1` for the pinned keys (it keeps its own position for the
+sliding keys, whose distances are unchanged), so the window always looks as it did when it
+first filled. Only the query is rotated twice; the cache is never rotated again. Until the
+window is full this is exactly the plain ring.
+
 The ring holds `context + chunk - 1` entries, `chunk` being the largest number of steps one
 streaming call adds (Mimi: 2 encoder steps per frame, LM: 1). Such calls write first and then
 attend over the ring. A longer call (a prefill, a whole voice prompt) attends over the old
@@ -93,6 +102,18 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
 
 
+def pinned_attention(q: torch.Tensor, q_pinned: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+    """Attention where pinned keys are scored with `q_pinned` and the others with `q` (both
+    [B, H, T, Dh]; keys, values [B, H, S, Dh]; mask and pinned [B, 1, T or 1, S] bool). Both
+    queries go through one matmul, so the keys are read once; softmax in float32."""
+    T = q.shape[2]
+    both = torch.cat([q_pinned, q], dim=2) @ keys.transpose(-1, -2)  # [B, H, 2T, S]
+    scores = torch.where(pinned, both[:, :, :T], both[:, :, T:]).float() * q.shape[-1] ** -0.5
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return probs.to(values.dtype) @ values
+
+
 @dataclass
 class AttentionPlan:
     """What every layer of one forward needs, computed once per forward (not per layer)."""
@@ -102,6 +123,8 @@ class AttentionPlan:
     write_index: torch.Tensor | None  # [B, H, T', D] ring entries to write, for scatter_ (streaming only)
     write_from: int  # first of the T new steps that is written (a call longer than the ring)
     attend_new_separately: bool  # long call: attend over [old ring, new keys], then write
+    pinned_rotation: torch.Tensor | None = None  # pinning: the query's RoPE for pinned keys, [B, T, 1, D/2]
+    pinned_keys: torch.Tensor | None = None  # pinning: [B, 1, 1, S] bool, True where a key is pinned
 
 
 @dataclass
@@ -140,7 +163,12 @@ class Attention(StreamingModule):
         q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh] each
         v = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, Dh]
         keys, values = self._complete(k, v, plan)
-        out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask)
+        if plan.pinned_keys is None:
+            out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask)
+        else:
+            assert plan.pinned_rotation is not None
+            q_pinned = apply_rope(qkv[:, :, 0], plan.pinned_rotation).transpose(1, 2)  # [B, H, T, Dh]
+            out = pinned_attention(q, q_pinned, keys, values, plan.mask, plan.pinned_keys)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
     def _complete(self, k: torch.Tensor, v: torch.Tensor, plan: AttentionPlan) -> tuple[torch.Tensor, torch.Tensor]:
@@ -190,9 +218,11 @@ class TransformerLayer(nn.Module):
 @dataclass
 class OffsetState(StreamingState):
     offset: torch.Tensor  # [B] long: steps seen since the slot's reset
+    pinned: torch.Tensor  # [B] long: the first steps kept for the whole conversation (0: none)
 
     def reset(self, mask: torch.Tensor) -> None:
         self.offset.masked_fill_(mask, 0)
+        self.pinned.masked_fill_(mask, 0)
 
 
 class Transformer(StreamingModule):
@@ -214,13 +244,15 @@ class Transformer(StreamingModule):
         self.context = context
         self.max_period = max_period
         self.capacity = context + chunk - 1
+        self.pinning = False  # whether slots may pin their first steps (`OffsetState.pinned`); LM only (chunk 1)
         self.layers = nn.ModuleList(
             TransformerLayer(dim, num_heads, self.capacity, hidden, mimi_style) for _ in range(num_layers)
         )
 
     def make_state(self, batch_size: int) -> OffsetState:
         device = self.layers[0].self_attn.in_proj_weight.device
-        return OffsetState(offset=torch.zeros(batch_size, dtype=torch.long, device=device))
+        zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
+        return OffsetState(offset=zeros, pinned=zeros.clone())
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._plan(x)
@@ -239,29 +271,55 @@ class Transformer(StreamingModule):
         if state is None:
             q_pos = steps[None]  # [1, T]
             rotation = rope_rotation(q_pos, head_dim, self.max_period)
-            return AttentionPlan(self._window(q_pos, q_pos), rotation, None, 0, False)
+            return AttentionPlan(self._window(q_pos, q_pos, torch.zeros_like(q_pos[:, :1]), None), rotation, None, 0, False)
         assert isinstance(state, OffsetState)
         start = state.offset[:, None]  # [B, 1]
         q_pos = start + steps  # [B, T]
         rotation = rope_rotation(q_pos, head_dim, self.max_period)
+        pinned = state.pinned[:, None]  # [B, 1], 0 without pinning: the plain ring
         write_from = max(0, T - self.capacity)
-        entries = (q_pos[:, write_from:] % self.capacity)[:, None, :, None]  # [B, 1, T', 1]
+        entries = self._entry(q_pos[:, write_from:], pinned)[:, None, :, None]  # [B, 1, T', 1]
         write_index = entries.expand(-1, self.num_heads, -1, head_dim)  # [B, H, T', Dh]
-        if T <= self.capacity - self.context + 1:
-            # Writing first only overwrites keys older than every query's window.
-            k_pos = self._ring_positions(start + T)
-            return AttentionPlan(self._window(q_pos, k_pos), rotation, write_index, write_from, False)
-        k_pos = torch.cat([self._ring_positions(start), q_pos], dim=1)  # [B, C + T]
-        return AttentionPlan(self._window(q_pos, k_pos), rotation, write_index, write_from, True)
+        separately = T > self.capacity - self.context + 1
+        if not separately:  # writing first only overwrites keys older than every query's window
+            k_pos = self._ring_positions(start + T, pinned)
+        else:
+            k_pos = torch.cat([self._ring_positions(start, pinned), q_pos], dim=1)  # [B, C + T]
+        is_pinned = None
+        if self.pinning:
+            ring = torch.arange(self.capacity, device=x.device)[None] < pinned  # [B, C]
+            is_pinned = torch.cat([ring, torch.zeros_like(q_pos, dtype=torch.bool)], dim=1) if separately else ring
+        mask = self._window(q_pos, k_pos, pinned, is_pinned)
+        plan = AttentionPlan(mask, rotation, write_index, write_from, separately)
+        if self.pinning:
+            assert is_pinned is not None and self.capacity == self.context, "pinning needs a one-step ring (the LM's)"
+            # Once the window is full the query stands at context - 1 for the pinned keys.
+            rel = torch.where(pinned > 0, q_pos.clamp(max=self.context - 1), q_pos)
+            plan.pinned_rotation = rope_rotation(rel, head_dim, self.max_period)[:, :, 0]  # [B, T, 1, D/2]
+            plan.pinned_keys = is_pinned[:, None, None]  # [B, 1, 1, S]
+        return plan
 
-    def _ring_positions(self, end: torch.Tensor) -> torch.Tensor:
+    def _entry(self, pos: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+        """The ring entry of each step position [B, T]: the first `pinned` ([B, 1]) steps keep
+        their own entries, later ones slide through the others."""
+        slide = pinned + torch.remainder(pos - pinned, self.capacity - pinned)
+        return torch.where(pos < pinned, pos, slide)
+
+    def _ring_positions(self, end: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
         """Position held by each ring entry when `end` ([B, 1]) steps were written; -1 if none."""
         entries = torch.arange(self.capacity, device=end.device)[None]  # [1, C]
         last = end - 1
-        pos = last - torch.remainder(last - entries, self.capacity)  # [B, C]
-        return pos  # negative where never written
+        slide = last - torch.remainder(last - entries, self.capacity - pinned)  # [B, C]
+        held = torch.where(entries < pinned, entries, slide)
+        written = torch.where(entries < pinned, entries <= last, slide >= pinned)
+        return torch.where(written, held, -1)
 
-    def _window(self, q_pos: torch.Tensor, k_pos: torch.Tensor) -> torch.Tensor:
+    def _window(self, q_pos: torch.Tensor, k_pos: torch.Tensor, pinned: torch.Tensor,
+                is_pinned: torch.Tensor | None) -> torch.Tensor:
+        """Keys each query sees: the last `context - pinned` steps, and the pinned ones."""
         delta = q_pos[:, :, None] - k_pos[:, None, :]  # [B, T, S]
-        mask = (k_pos[:, None, :] >= 0) & (delta >= 0) & (delta < self.context)
+        sliding = delta < (self.context - pinned)[:, :, None]
+        if is_pinned is not None:
+            sliding = sliding | is_pinned[:, None, :]
+        mask = (k_pos[:, None, :] >= 0) & (delta >= 0) & sliding
         return mask[:, None]  # [B, 1, T, S]

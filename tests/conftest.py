@@ -42,6 +42,7 @@ def _no_leftover_streaming(request: pytest.FixtureRequest):
         loaded = request.getfixturevalue("models")
         disable_streaming(loaded.mimi)
         disable_streaming(loaded.lm)
+        loaded.lm.transformer.pinning = False
 
 
 @pytest.fixture(scope="session")
