@@ -45,6 +45,7 @@ from .streaming import (
     slot_view,
 )
 from .text import encode_role
+from .transformer import OffsetState
 
 logger = logging.getLogger(__name__)
 
@@ -103,11 +104,13 @@ class Engine:
         num_slots: int = 1,
         depformer_steps: int = CODES_PER_STREAM,
         cuda_graphs: bool | None = None,
+        pinning: bool = False,
     ) -> None:
         self.models = models
         self.num_slots = num_slots
         self.device = models.device
         self.gen = LMGen(models.lm, depformer_steps)
+        models.lm.transformer.pinning = pinning  # slots may keep their system prompt (`start(keep_persona=True)`)
         enable_streaming(models.mimi, num_slots)
         enable_streaming(self.gen, num_slots)
         self._silence = torch.tensor(SILENCE_TOKENS, device=self.device)[None]  # [1, 8]
@@ -183,28 +186,33 @@ class Engine:
         return plan_prompt(prompt, self.models.config.lm)
 
     @torch.inference_mode()
-    def start(self, slot: int, prompt: PromptFrames | PromptPlan, sampling: SamplingParams, prefill: bool = True) -> None:
+    def start(self, slot: int, prompt: PromptFrames | PromptPlan, sampling: SamplingParams, prefill: bool = True,
+              keep_persona: bool = False) -> None:
         """Reset `slot` and run its system prompt (one prefill, or frame by frame as the
-        reference does); the other slots are not touched."""
+        reference does); the other slots are not touched. With `keep_persona` (an engine made
+        with `pinning=True`) the prompt stays in the slot's attention window for the whole call."""
         self._check_slot(slot)
         if prefill or isinstance(prompt, PromptPlan):
             plan = prompt if isinstance(prompt, PromptPlan) else self.plan(prompt)
-            _finish(self.start_pieces(slot, plan, sampling, frames=plan.inputs.shape[1]))
+            _finish(self.start_pieces(slot, plan, sampling, frames=plan.inputs.shape[1], keep_persona=keep_persona))
             return
+        self._check_pinning(keep_persona)
         mask = slot_mask(self.num_slots, slot, self.device)
         reset_slots(self.models.mimi, mask)
         reset_slots(self.gen, mask)
         self.gen.set_sampling(mask, sampling)
         with slot_view(self.gen, slice(slot, slot + 1)):
             self.gen.run_prompt(prompt)
+            self._pin(keep_persona)
 
     @torch.inference_mode()
     def start_pieces(self, slot: int, plan: PromptPlan, sampling: SamplingParams,
-                     frames: int = PREFILL_PIECE_FRAMES) -> Iterator[None]:
+                     frames: int = PREFILL_PIECE_FRAMES, keep_persona: bool = False) -> Iterator[None]:
         """`start` with a prefill of `frames` frames per piece, yielding between pieces. The
         prefill runs in states of its own; the slot is reset and takes them at the last piece,
         so the slot may be stepped (with silence) meanwhile."""
         self._check_slot(slot)
+        self._check_pinning(keep_persona)
         own = self._own_states("prefill", self.gen)
         with installed(own):
             self.gen.set_sampling(torch.ones(1, dtype=torch.bool, device=self.device), sampling)
@@ -215,8 +223,20 @@ class Engine:
             if done:
                 break
             yield
+        with installed(own):
+            self._pin(keep_persona)
         reset_slots(self.models.mimi, slot_mask(self.num_slots, slot, self.device))
         copy_states(slot_states(self.gen, slice(slot, slot + 1)), own)
+
+    def _check_pinning(self, keep_persona: bool) -> None:
+        if keep_persona and not self.models.lm.transformer.pinning:
+            raise ValueError("keep_persona needs an engine made with pinning=True")
+
+    def _pin(self, keep_persona: bool) -> None:
+        """Right after a prompt, in the state of one slot: pin the steps so far (or none)."""
+        state = self.models.lm.transformer.state
+        assert isinstance(state, OffsetState)
+        state.pinned.copy_(state.offset if keep_persona else torch.zeros_like(state.offset))
 
     @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:

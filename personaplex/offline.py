@@ -45,10 +45,12 @@ def converse(
     sampling: SamplingParams,
     slot: int = 0,
     on_frame: Callable[[int, int], None] | None = None,
+    keep_persona: bool = False,
 ) -> Conversation:
-    """Run `user_pcm` (float32 [T] at 24 kHz) through one slot of the engine, frame by frame."""
+    """Run `user_pcm` (float32 [T] at 24 kHz) through one slot of the engine, frame by frame;
+    with `keep_persona` (an engine made with `pinning=True`) the prompt stays for the whole call."""
     frames = frames_of(user_pcm)
-    engine.start(slot, prompt, sampling)
+    engine.start(slot, prompt, sampling, keep_persona=keep_persona)
     batch = torch.zeros(engine.num_slots, FRAME_SIZE)
     pcm_out, text_out = [], []
     for i, frame_in in enumerate(frames):
@@ -83,6 +85,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk-text", type=int, default=defaults.topk_text)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="LM weights (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--keep-persona", action="store_true",
+                   help="keep the system prompt in the model's window past its 4-minute context (default: it slides out, as in the reference)")
     return p
 
 
@@ -108,13 +112,14 @@ def run(args: argparse.Namespace) -> None:
     user_pcm = read_audio(args.input_wav)
     dtype = getattr(torch, args.dtype) if args.dtype else None
     models = load_models(resolve_checkpoint(args.checkpoint, args.hf_repo), config, args.device, dtype)
-    engine = Engine(models, num_slots=1)
+    engine = Engine(models, num_slots=1, pinning=args.keep_persona)
     prompt = engine.prompt(_voice(engine, args.voice_prompt, args.voice_prompt_dir), args.text_prompt)
     frames = -(-user_pcm.size // FRAME_SIZE)
     from tqdm import tqdm
 
     with tqdm(total=frames, unit="frame", disable=frames < PROGRESS_MIN_FRAMES or None) as bar:
-        result = converse(engine, user_pcm, prompt, sampling, on_frame=lambda done, total: bar.update(1))
+        result = converse(engine, user_pcm, prompt, sampling, on_frame=lambda done, total: bar.update(1),
+                          keep_persona=args.keep_persona)
     write_wav(args.output_wav, result.pcm)
     labels = [piece_label(t, models.tokenizer) for t in result.text_ids]
     Path(args.output_text).write_text(json.dumps(labels, ensure_ascii=False))

@@ -169,7 +169,7 @@ class Service:
                 torch.set_num_threads(cpu_threads())
             self.models = load_models(files, self.config, self.device, dtype)
             slots = s.max_sessions or suggest_slots(self.config, self.models.lm.dtype, self.device)
-            self.engine = Engine(self.models, num_slots=slots)
+            self.engine = Engine(self.models, num_slots=slots, pinning=True)
             self.worker = EngineWorker(self.engine)
             self._set(State.WARMING_UP, "warming up")
             frame_ms = self._warm_up()
@@ -352,10 +352,12 @@ class Service:
         """The words of one text id, as people read them."""
         return caption_text(text_id, self.models.tokenizer) if self.models is not None else ""
 
-    def start_call(self, session: Session, voice: str, role: str, sampling: SamplingParams) -> None:
-        """Give a live session its persona and a slot; raises `UserError`s (busy, bad voice...)."""
+    def start_call(self, session: Session, voice: str, role: str, sampling: SamplingParams,
+                   keep_persona: bool = True) -> None:
+        """Give a live session its persona and a slot; raises `UserError`s (busy, bad voice...).
+        With `keep_persona` the system prompt stays in the model's window for the whole call."""
         _, worker = self._require_ready()
-        worker.open(session, self.plan(voice, role), sampling, self.describe)
+        worker.open(session, self.plan(voice, role), sampling, self.describe, keep_persona)
 
     def run_offline(
         self,
@@ -365,12 +367,13 @@ class Service:
         user_pcm: np.ndarray,
         progress: Callable[[int, int], None] | None = None,
     ) -> OfflineResult:
-        """The whole recording through the engine, at its pace, in a slot of its own."""
+        """The whole recording through the engine, at its pace, in a slot of its own (the
+        persona kept past the model's context, as in a call by default)."""
         _, worker = self._require_ready()
         if user_pcm.size == 0:
             raise AudioError("the recording is empty")
         session = Session(OFFLINE)
-        worker.open(session, self.plan(voice, role), sampling, self.describe)
+        worker.open(session, self.plan(voice, role), sampling, self.describe, keep_persona=True)
         session.push(user_pcm, final=True)
         total = session.stats.frames_in
         agent: list[np.ndarray] = []

@@ -157,6 +157,7 @@ class Session:
         self._last_answer: np.ndarray | None = None  # the model's latest audio (is it speaking?)
         self.slot: int | None = None
         self.prompt_frames = 0
+        self.keeps_persona = False  # the prompt stays in the model's window past its context
         self.phase = Phase.WAITING
         self.ending: Ending | None = None
         self.stats = SessionStats()
@@ -285,9 +286,11 @@ class Session:
             self.end("time limit", f"the call reached its time limit of {_minutes(limits.time_limit_s)}")
 
     # --- the engine thread's side (EngineWorker) ------------------------------------------
-    def _bind(self, worker: EngineWorker, slot: int, prompt_frames: int, describe: Callable[[int], str]) -> None:
+    def _bind(self, worker: EngineWorker, slot: int, prompt_frames: int, describe: Callable[[int], str],
+              keeps_persona: bool = False) -> None:
         with self._cond:
             self._worker, self.slot, self.prompt_frames, self._describe = worker, slot, prompt_frames, describe
+            self.keeps_persona = keeps_persona
             if self.phase is Phase.WAITING:
                 self.phase = Phase.STARTING
 

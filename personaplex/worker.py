@@ -117,9 +117,10 @@ class EngineWorker:
             self._cond.notify()
         return future
 
-    def open(self, session: Session, plan: PromptPlan, sampling: SamplingParams, describe: Callable[[int], str]) -> None:
-        """Give `session` a slot and queue its system prompt (`Engine.plan`); it goes live once
-        the prompt has run. Raises `Busy` when every slot is taken; a prompt failing on the
+    def open(self, session: Session, plan: PromptPlan, sampling: SamplingParams, describe: Callable[[int], str],
+             keep_persona: bool = False) -> None:
+        """Give `session` a slot and queue its system prompt (`Engine.plan`; kept for the whole
+        call with `keep_persona`, see `Engine.start`); it goes live once the prompt has run. Raises `Busy` when every slot is taken; a prompt failing on the
         engine thread ends the session with reason "error". `describe` turns a text id into
         words (on the session's threads)."""
         with self._cond:
@@ -130,14 +131,14 @@ class EngineWorker:
                 n = min(self.engine.num_slots, self.max_live)
                 taken = f"all {n} conversation slots are" if n > 1 else "the one conversation slot is"
                 raise Busy(f"{taken} in use: try again in a minute")
-            session._bind(self, free[0], plan.offset, describe)
+            session._bind(self, free[0], plan.offset, describe, keep_persona)
             self._sessions[free[0]] = session
 
         def start() -> Generator[None, None, None]:
             if session.phase is Phase.ENDED:  # ended before its turn: its slot may be someone else's now
                 return
             try:
-                yield from self.engine.start_pieces(session.slot, plan, sampling)  # type: ignore[arg-type]
+                yield from self.engine.start_pieces(session.slot, plan, sampling, keep_persona=keep_persona)  # type: ignore[arg-type]
             except Exception as exc:
                 logger.exception("session in slot %s: its system prompt failed", session.slot)
                 session.end("error", f"the call could not start: {exc}")

@@ -80,10 +80,12 @@ def test_role_prompt_tokens_match_reference(models, expected_json):
     assert encode_role(expected_json["text_prompt"], models.tokenizer) == expected_json["text_prompt_tokens"]
 
 
-def run_session(models, expected, expected_json, voice_file: str, prefill: bool, depformer_steps: int):
-    engine = Engine(models, num_slots=1, depformer_steps=depformer_steps)
+def run_session(models, expected, expected_json, voice_file: str, prefill: bool, depformer_steps: int,
+                keep_persona: bool = False):
+    engine = Engine(models, num_slots=1, depformer_steps=depformer_steps, pinning=keep_persona)
     voice = engine.voice_from_file(CHECKPOINT / "voices" / voice_file)
-    engine.start(0, engine.prompt(voice, expected_json["text_prompt"]), SamplingParams(greedy=True), prefill=prefill)
+    prompt = engine.prompt(voice, expected_json["text_prompt"])
+    engine.start(0, prompt, SamplingParams(greedy=True), prefill=prefill, keep_persona=keep_persona)
     ring = engine.gen.ring
     assert int(ring.offset[0]) == expected_json["prompt_offset"]
     assert torch.equal(ring.cache[0], expected["session_prompt_cache"])
@@ -112,3 +114,12 @@ def test_live_depformer_of_8_steps_gives_the_same_greedy_session(models, expecte
     tokens, pcm = run_session(models, expected, expected_json, "TESTV0.wav", prefill=True, depformer_steps=8)
     assert torch.equal(tokens, expected["session_tokens"])
     torch.testing.assert_close(pcm, expected["session_pcm"], atol=PCM_TOL, rtol=0)
+
+
+@pytest.mark.parametrize("prefill", [False, True], ids=["stepped-prompt", "prefilled-prompt"])
+def test_a_pinned_prompt_gives_the_same_session_before_the_window_fills(models, expected, expected_json, prefill):
+    tokens, pcm = run_session(models, expected, expected_json, "TESTV0.pt", prefill, depformer_steps=16, keep_persona=True)
+    pinned = models.lm.transformer.state.pinned
+    assert int(pinned[0]) == expected_json["prompt_offset"] - 1  # every prompt step the transformer took
+    assert torch.equal(tokens, expected["session_pt_tokens"])
+    torch.testing.assert_close(pcm, expected["session_pt_pcm"], atol=PCM_TOL, rtol=0)

@@ -51,6 +51,13 @@ def test_cli_reproduces_the_golden_session(tmp_path, expected, expected_json, vo
     assert [lab for lab in labels if lab not in ("PAD", "EPAD")] == expected_json["session_text_pieces"]
 
 
+def test_keep_persona_gives_the_golden_session_before_the_window_fills(tmp_path, expected):
+    _rc, plain, plain_labels = run_cli(tmp_path, "--voice-prompt", "TESTV0", *GOLDEN_ARGS)
+    rc, pcm, labels = run_cli(tmp_path, "--voice-prompt", "TESTV0", "--keep-persona", *GOLDEN_ARGS)
+    assert rc == 0 and labels == plain_labels
+    np.testing.assert_allclose(pcm, plain, atol=1e-3)
+
+
 def test_output_is_exactly_as_long_as_the_input_and_role_may_be_empty(tmp_path):
     src = tmp_path / "odd.wav"
     write_wav(src, tone(49199 / 24000, 24000)[0])
