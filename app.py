@@ -60,7 +60,7 @@ CAPTION_CHARS = 1500  # of a turn shown live: its end
 STATUS_EVERY_S = 2.0
 INPUT_RATE = 2 * SAMPLE_RATE  # the microphone as fastrtc decodes it (Opus: 48 kHz)
 SAMPLING_NAMES = ("temp_text", "topk_text", "temp_audio", "topk_audio", "seed", "greedy")
-CALL_INPUT_NAMES = ("owner", "role", "voice", "custom_voice", "consent", *SAMPLING_NAMES, "mute")  # what a call reads
+CALL_INPUT_NAMES = ("owner", "role", "voice", "custom_voice", "consent", *SAMPLING_NAMES, "mute", "keep_persona")  # what a call reads
 PAGE_UP = "the page is up"  # logged with its address once the server listens
 PUBLIC_API = ("generate_offline", "upload_voice", "preview_voice", "voices", "personas")
 
@@ -177,9 +177,10 @@ class ConversationHandler(AsyncStreamHandler):
             self.owner = values["owner"] if isinstance(values["owner"], str) else None
             voice, role, sampling = call_settings(values)
             inputs.flag("the mute switch", values["mute"])
+            keep = inputs.flag("the keep-persona switch", values["keep_persona"])
             if self.owner:
                 self.session.record_to(self.calls.service.files.recording(self.owner, self.call_id))
-            await asyncio.to_thread(self.calls.service.start_call, self.session, voice, role, sampling)
+            await asyncio.to_thread(self.calls.service.start_call, self.session, voice, role, sampling, keep)
             logger.info("call %s: started with voice %s", self._tag, voice)
         except UserError as exc:
             self._refuse(str(exc))
@@ -335,7 +336,11 @@ def live_html(view: CallView, session: Session, service: Service) -> str:
     elif session.phase is Phase.LIVE:
         context_s = service.config.lm.context / FRAME_RATE
         left = context_s - session.prompt_frames / FRAME_RATE - session.stats.frames_in * FRAME_S
-        if left < 30:
+        if left < 30 and session.keeps_persona:
+            if left > 0:
+                note = (f"<p class='warn'>⚠ {clock_text(left)} left before the model's memory is full: from then on it "
+                        "forgets the oldest part of the conversation (the persona stays).</p>")
+        elif left < 30:
             note = (f"<p class='warn'>⚠ {clock_text(max(left, 0))} left before the model's memory is full: the persona "
                     "will start to fade. Stop and start again to refresh it.</p>")
     return f"<div class='live' data-ending='{reason}'><div class='meters'>{rows}</div>{verdict}{note}</div>"
@@ -398,6 +403,7 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
     calls = Calls(service, limits)
     rtc, server_rtc = turn_configuration()
     low, high = CUSTOM_VOICE_SECONDS
+    context_min = service.config.lm.context / FRAME_RATE / 60
 
     with gr.Blocks(title="PersonaPlex Live", css=CSS, js=ONE_CLICK_START, theme=gr.themes.Soft(), delete_cache=(600, 3600)) as demo:
         owner = gr.State(None)  # this page's token, made when the page loads; never sent to the browser
@@ -450,7 +456,7 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
                     voice_status = gr.Markdown("", elem_id="voice_status", label="Message")
                     voice_in_use = gr.Audio(label="Your voice, as the model hears it", type="filepath", visible=False,
                                             interactive=False, elem_id="voice_in_use")
-                with gr.Accordion("Sampling (advanced)", open=False):
+                with gr.Accordion("Sampling and memory (advanced)", open=False):
                     defaults = SamplingParams()
                     temp_text = as_sent(gr.Slider(0.0, 1.5, defaults.temp_text, step=0.05, label="Text temperature", elem_id="temp_text"))
                     topk_text = as_sent(gr.Slider(1, MAX_TOP_K["text"], defaults.topk_text, step=1, label="Text top-k", elem_id="topk_text"))
@@ -459,10 +465,12 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
                     seed = as_sent(gr.Number(inputs.RANDOM_SEED, precision=0, minimum=inputs.RANDOM_SEED, maximum=SEED_MAX,
                                              label=f"Seed (-1: random; 0 to {SEED_MAX})", elem_id="seed"))
                     greedy = gr.Checkbox(False, label="Greedy decoding", elem_id="greedy")
+                    keep_persona = gr.Checkbox(True, label=f"Keep the persona past {context_min:g} minutes (the model "
+                                               "forgets the oldest conversation instead)", elem_id="keep_persona")
 
         sampling = [temp_text, topk_text, temp_audio, topk_audio, seed, greedy]
         call_inputs = {"owner": owner, "role": role, "voice": voice, "custom_voice": custom_voice, "consent": consent,
-                       **dict(zip(SAMPLING_NAMES, sampling, strict=True)), "mute": mute}
+                       **dict(zip(SAMPLING_NAMES, sampling, strict=True)), "mute": mute, "keep_persona": keep_persona}
         assert tuple(call_inputs) == CALL_INPUT_NAMES
         calls.connections = webrtc
         demo.load(new_owner, outputs=owner)
@@ -742,7 +750,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=env("DEVICE"), choices=[None, "cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--max-sessions", type=int, default=int(env("MAX_SESSIONS", "0")) or None,
                    help="concurrent conversations (default: what fits the device's memory)")
-    p.add_argument("--time-limit", type=float, default=float(env("TIME_LIMIT", "300")), help="seconds per call (0: none)")
+    p.add_argument("--time-limit", type=float, default=float(env("TIME_LIMIT", "600")), help="seconds per call (0: none)")
     p.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", str(REALTIME.idle_timeout_s))),
                    help="seconds without audio from the browser before a call is closed")
     return p.parse_args(argv)

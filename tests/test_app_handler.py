@@ -25,7 +25,7 @@ CHUNK_S = CHUNK / app.INPUT_RATE
 OWNER = "page-token-1"
 GOOD = {"owner": OWNER, "role": "You enjoy having a good conversation.", "voice": "TESTV0", "custom_voice": "",
         "consent": False, "temp_text": 0.7, "topk_text": 25, "temp_audio": 0.8, "topk_audio": 250, "seed": 1, "greedy": True,
-        "mute": False}
+        "mute": False, "keep_persona": True}
 
 
 @pytest.fixture(scope="module")
