@@ -38,7 +38,7 @@ from personaplex import inputs
 from personaplex.audio import AudioError, HalfRate, float_to_int16, int16_to_float, read_audio, wav_bytes
 from personaplex.config import FRAME_RATE, SAMPLE_RATE
 from personaplex.errors import SettingsError, UserError
-from personaplex.health import BEHIND_TICK_MS, CallView, Verdict
+from personaplex.health import BEHIND_TICK_MS, CallView, Memory, Verdict, memory
 from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams
 from personaplex.service import CUSTOM_VOICE_SECONDS, MAX_ROLE_CHARS, Service, Settings, State
 from personaplex.session import REALTIME, Limits, Phase, Session
@@ -300,7 +300,8 @@ class ConversationHandler(AsyncStreamHandler):
         now = asyncio.get_running_loop().time()
         if final or now - self._details_at >= DETAILS_EVERY_S:
             pc = self._connection()
-            details = details_html(session, tick_ms, pc.connectionState if pc is not None else "closed")
+            details = details_html(session, tick_ms, pc.connectionState if pc is not None else "closed",
+                                   call_memory(session, self.calls.service).held)
             self._details_at = now
         return CallUpdate(self.owner, live_html(view, session, self.calls.service), conversation, details, files)
 
@@ -333,21 +334,18 @@ def live_html(view: CallView, session: Session, service: Service) -> str:
     note, reason = "", session.ending.reason if session.ending is not None else ""
     if session.ending is not None:
         note = f"<p class='warn'>⚠ {html.escape(session.ending.message, quote=False)}</p>"
-    elif session.phase is Phase.LIVE:
-        context_s = service.config.lm.context / FRAME_RATE
-        left = context_s - session.prompt_frames / FRAME_RATE - session.stats.frames_in * FRAME_S
-        if left < 30 and session.keeps_persona:
-            if left > 0:
-                note = (f"<p class='warn'>⚠ {clock_text(left)} left before the model's memory is full: from then on it "
-                        "forgets the oldest part of the conversation (the persona stays).</p>")
-        elif left < 30:
-            note = (f"<p class='warn'>⚠ {clock_text(max(left, 0))} left before the model's memory is full: the persona "
-                    "will start to fade. Stop and start again to refresh it.</p>")
+    elif session.phase is Phase.LIVE and (warning := call_memory(session, service).warning):
+        note = f"<p class='warn'>⚠ {warning}</p>"
     return f"<div class='live' data-ending='{reason}'><div class='meters'>{rows}</div>{verdict}{note}</div>"
 
 
-def details_html(session: Session, tick_ms: float, connection: str) -> str:
-    """The figures behind the verdict."""
+def call_memory(session: Session, service: Service) -> Memory:
+    return memory(service.config.lm.context / FRAME_RATE, session.prompt_frames / FRAME_RATE,
+                  session.stats.frames_in * FRAME_S, session.keeps_persona)
+
+
+def details_html(session: Session, tick_ms: float, connection: str, held: str = "") -> str:
+    """The figures behind the verdict; `held`: what the model's memory holds (`call_memory`)."""
     s, limit = session.stats, session.limits.time_limit_s
     heard = max(1, s.frames_in + s.too_fast)
     rows = [
@@ -358,6 +356,8 @@ def details_html(session: Session, tick_ms: float, connection: str) -> str:
         ("the model's audio dropped", f"{s.silent_out + s.dropped_out} frames answered with silence or not taken"),
         ("call time", clock_text(session.elapsed_s) + (f" of {clock_text(limit)}" if limit else "")),
     ]
+    if held and session.phase is Phase.LIVE:
+        rows.append(("the model's memory", held))
     cells = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
     return f"<table class='details'>{cells}</table>"
 

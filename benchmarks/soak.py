@@ -1,5 +1,5 @@
 """Long calls: the app as the README starts it, N real-time WebRTC calls held for minutes, the
-server's memory and the calls' health sampled every 10 s.
+server's memory and the calls' health sampled every 10 s, before and after the model's window fills.
 
     python -m benchmarks.soak --calls 4 --minutes 10 --json soak.json
 
@@ -7,8 +7,11 @@ The server runs the tiny checkpoint on the CPU unless `--app-args` says otherwis
 the aiortc client of examples/ (the browser's signalling), each sending a real recording in a
 loop. Memory is the server process's resident set (VmRSS), read from /proc: at start, after a
 short warm-up call (the first call loads Opus, aiortc and torch's caches), every 10 s, and
-10 s after the last call ended. Each call reports the audio it received and its health figures
-(tick time, dropped frames), so that growth, errors or a slow-down show up over time.
+10 s after the last call ended. Every 10 s each call also reports the audio it has
+received, the engine tick and what the model's window holds (the page's figures); the summary
+("window") compares the stretch before every call's window was full with the stretch after
+(the app keeps the persona by default: the prompt stays, the oldest conversation slides out),
+so that growth, errors or a slow-down at the wrap show up.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import importlib.util
+import itertools
 import json
 import statistics
 import subprocess
@@ -81,18 +85,29 @@ def health_figure(details: str, label: str) -> str:
     return details[start + len(marker) : details.find("</td>", start + len(marker))] if start >= 0 else ""
 
 
+def tick_ms(details: str) -> float | None:
+    """The engine tick of the call's figures ("17.2 ms for an 80 ms frame ..."), if shown yet."""
+    text = health_figure(details, "engine tick")
+    return float(text.split(" ms")[0]) if text else None
+
+
 async def soak(app: App, client: ModuleType, speech: np.ndarray, calls: int, seconds: float) -> dict:
     samples: list[dict] = []
     started = time.monotonic()
+    watched = [client.CallResult(audio=np.zeros(0, dtype=np.float32)) for _ in range(calls)]
 
     async def sample() -> None:
         while True:
-            samples.append({"t_s": round(time.monotonic() - started, 1), "rss_mb": round(rss_mb(app.process.pid), 1)})
+            samples.append({"t_s": round(time.monotonic() - started, 1), "rss_mb": round(rss_mb(app.process.pid), 1),
+                            "received_s": [round(r.received_samples / client.RATE, 1) for r in watched],
+                            "tick_ms": [tick_ms(r.details) for r in watched],
+                            "memory": [health_figure(r.details, "the model's memory") for r in watched]})
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     sampler = asyncio.ensure_future(sample())
     looped = np.tile(speech, int(seconds * client.RATE / speech.size) + 2)
-    results = await asyncio.gather(*(client.converse(app.url, looped, seconds, {"voice": "TESTV0"}) for _ in range(calls)))
+    results = await asyncio.gather(*(client.converse(app.url, looped, seconds, {"voice": "TESTV0"}, result=r)
+                                     for r in watched))
     sampler.cancel()
     return {"samples": samples, "calls": [
         {"received_s": round(r.audio.size / client.RATE, 1), "ended_by_app": r.ended,
@@ -101,6 +116,33 @@ async def soak(app: App, client: ModuleType, speech: np.ndarray, calls: int, sec
          "call_time": health_figure(r.details, "call time"), "turns": len(r.conversation),
          "page_updates": r.output_updates, "update_errors": r.output_errors[:3]} for r in results
     ]}
+
+
+def before_and_after_the_window_fills(samples: list[dict]) -> dict:
+    """Tick, audio received per second of call, and memory, while every call's window still
+    had room and once every call's was full (the persona pinned, the conversation sliding)."""
+    parts: dict[str, list[dict]] = {"before": [], "after": []}
+    for prev, cur in itertools.pairwise(samples):
+        full = [m.startswith("full") for m in cur["memory"]]
+        part = "after" if all(full) else "before" if not any(full) else None
+        if part is None or not all(cur["memory"]):
+            continue
+        dt = cur["t_s"] - prev["t_s"]
+        rates = [(b - a) / dt for a, b in zip(prev["received_s"], cur["received_s"])]
+        parts[part].append({"t_s": cur["t_s"], "rss_mb": cur["rss_mb"], "rates": rates,
+                            "ticks": [t for t in cur["tick_ms"] if t is not None]})
+    summary = {}
+    for part, rows in parts.items():
+        if rows:
+            summary[part] = {
+                "from_s": rows[0]["t_s"], "to_s": rows[-1]["t_s"],
+                "tick_ms_median": statistics.median(t for r in rows for t in r["ticks"]),
+                "tick_ms_max": max(t for r in rows for t in r["ticks"]),
+                "audio_s_per_s_min": round(min(x for r in rows for x in r["rates"]), 3),
+                "audio_s_per_s_median": round(statistics.median(x for r in rows for x in r["rates"]), 3),
+                "rss_mb_first": rows[0]["rss_mb"], "rss_mb_last": rows[-1]["rss_mb"],
+            }
+    return summary
 
 
 def run(args: argparse.Namespace) -> dict:
@@ -125,7 +167,7 @@ def run(args: argparse.Namespace) -> dict:
         "rss_mb": {"at_start": round(at_start, 1), "after_warmup": round(after_warmup, 1), "during_max": max(rss),
                    "during_median": statistics.median(rss), "after_calls": round(at_end, 1),
                    "growth_since_warmup": round(at_end - after_warmup, 1)},
-        "server_errors": len(errors), **result,
+        "server_errors": len(errors), "window": before_and_after_the_window_fills(result["samples"]), **result,
     }
 
 

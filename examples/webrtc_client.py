@@ -65,7 +65,8 @@ class FileTrack(MediaStreamTrack):
 
 @dataclass
 class CallResult:
-    audio: np.ndarray  # float32 mono at 48 kHz, as played by the remote track
+    audio: np.ndarray  # float32 mono at 48 kHz, as played by the remote track (once the call is over)
+    received_samples: int = 0  # of the remote track so far, while the call goes on
     live: str = ""  # html: who is speaking, the verdict, why the call ended
     conversation: list[dict] = field(default_factory=list)  # chat messages, turn by turn
     details: str = ""  # html: the call's figures
@@ -196,9 +197,11 @@ async def _follow_outputs(client: httpx.AsyncClient, url: str, session: str, pag
 
 
 async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings: dict[str, object] | None = None,
-                   answer_settings: bool = True, freeze_after_s: float | None = None) -> CallResult:
+                   answer_settings: bool = True, freeze_after_s: float | None = None,
+                   result: CallResult | None = None) -> CallResult:
     """Hold a call of `seconds`, sending `user_pcm_48k` as the microphone. `settings` overrides
-    input values by elem_id (persona, role, voice, consent, ...). For tests of broken clients:
+    input values by elem_id (persona, role, voice, consent, ...). Pass a `result` to watch the
+    call while it goes on (the page's latest outputs, `received_samples`). For tests of broken clients:
     `answer_settings=False` never answers the app's request for the settings, `freeze_after_s`
     stops sending audio then without hanging up; such a client also ignores the app's end of
     the call and waits for the app to close the connection."""
@@ -206,7 +209,8 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
     url = url.rstrip("/")
     settings = settings or {}
     session, webrtc_id = secrets.token_hex(6), secrets.token_hex(8)
-    result = CallResult(audio=np.zeros(0, dtype=np.float32), webrtc_id=webrtc_id)
+    result = result or CallResult(audio=np.zeros(0, dtype=np.float32))
+    result.webrtc_id = webrtc_id
     received: list[np.ndarray] = []
     stop = asyncio.Event()
     started = time.monotonic()
@@ -265,6 +269,7 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
                     if result.first_audio_after_s is None and np.abs(pcm).max() > 1e-3:
                         result.first_audio_after_s = time.monotonic() - started
                     received.append(pcm.astype(np.float32))
+                    result.received_samples += pcm.size
             tasks.append(asyncio.ensure_future(record()))
 
         await pc.setLocalDescription(await pc.createOffer())

@@ -7,7 +7,9 @@ Implements:
   * `Verdict`, `Watch`: over the last `window_s` of a live call, "real time" (nothing dropped,
     the engine's tick well inside its 80 ms), "falling behind" (the tick near or over 80 ms, or
     the model's answers coming late), or "dropping audio" (input or output dropped);
-  * `CallView`: all of it for one call, fed with the frames the session hands out.
+  * `CallView`: all of it for one call, fed with the frames the session hands out;
+  * `memory`: what the model's window holds now (the persona, how much of the conversation)
+    and the warning the page shows 30 s before it is full.
 """
 
 from __future__ import annotations
@@ -17,10 +19,42 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from .session import Output, SessionStats
-from .transcript import FRAME_S, SILENT_DB, SPEECH_DB, Transcript, level_db
+from .transcript import FRAME_S, SILENT_DB, SPEECH_DB, Transcript, clock_text, level_db
 
 FRAME_MS = 80.0
 BEHIND_TICK_MS = 0.75 * FRAME_MS  # a tick this long leaves no room: the next hiccup drops audio
+MEMORY_WARNING_S = 30.0  # before the model's window is full
+
+
+@dataclass(frozen=True)
+class Memory:
+    held: str  # what the window holds, for the call's figures
+    warning: str  # for the page, "" when there is nothing to mind
+
+
+def memory(context_s: float, prompt_s: float, heard_s: float, keeps_persona: bool) -> Memory:
+    """The model's window (`context_s`) after a prompt of `prompt_s` and `heard_s` of the call.
+    With `keeps_persona` the prompt stays and the oldest conversation slides out; without, the
+    window slides over the prompt too, and the persona fades."""
+    room = context_s - prompt_s  # conversation that fits beside the prompt
+    left = room - heard_s
+    persona = f"the persona ({prompt_s:.0f} s)"
+    if left > 0:
+        held = f"{persona} and {clock_text(heard_s)} of conversation, of {clock_text(context_s)}"
+    elif keeps_persona:
+        held = f"full since {clock_text(room)}: {persona} and the last {clock_text(room)} of conversation"
+    elif -left < prompt_s:
+        held = f"full since {clock_text(room)}: the persona is sliding out"
+    else:
+        held = f"full since {clock_text(room)}: the persona has slid out, only the last {clock_text(context_s)} of conversation"
+    warning = ""
+    if left < MEMORY_WARNING_S and keeps_persona and left > 0:
+        warning = (f"{clock_text(left)} left before the model's memory is full: from then on it forgets the oldest "
+                   "part of the conversation (the persona stays).")
+    elif left < MEMORY_WARNING_S and not keeps_persona:
+        warning = (f"{clock_text(max(left, 0))} left before the model's memory is full: the persona will start to "
+                   "fade. Stop and start again to refresh it.")
+    return Memory(held, warning)
 
 
 class Activity:

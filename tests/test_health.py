@@ -1,8 +1,10 @@
-"""A live call's figures for people: who is speaking, and the verdict on real time."""
+"""A live call's figures for people: who is speaking, the verdict on real time, the model's memory."""
 
 from __future__ import annotations
 
-from personaplex.health import BEHIND_TICK_MS, Activity, Verdict, Watch
+import pytest
+
+from personaplex.health import BEHIND_TICK_MS, Activity, Memory, Verdict, Watch, memory
 from personaplex.session import SessionStats
 from personaplex.transcript import FRAME_S, SILENT_DB
 
@@ -60,3 +62,20 @@ def test_a_call_view_follows_the_frames_the_session_hands_out():
     assert [(t.speaker, t.render()) for t in view.captions.turns()] == [("You", "(spoke for 0.8 s)"), ("Model", "hi")]
     view.update_verdict(1.6, SessionStats(), 20.0)
     assert view.verdict is Verdict.REAL_TIME
+
+
+@pytest.mark.parametrize("keeps", [True, False], ids=["persona-kept", "persona-fades"])
+def test_the_memory_figure_and_warning_follow_the_window(keeps):
+    context, prompt = 240.0, 24.0  # the window is full after 216 s of conversation
+    early = memory(context, prompt, 60.0, keeps)
+    assert early == Memory("the persona (24 s) and 1:00 of conversation, of 4:00", "")
+    near = memory(context, prompt, 200.0, keeps)
+    assert near.warning.startswith("0:16 left before the model's memory is full")
+    assert ("the persona stays" in near.warning) == keeps and ("fade" in near.warning) != keeps
+    full = memory(context, prompt, 300.0, keeps)
+    if keeps:  # nothing left to warn about: the persona stays, the oldest conversation goes
+        assert full == Memory("full since 3:36: the persona (24 s) and the last 3:36 of conversation", "")
+    else:
+        assert full.held == "full since 3:36: the persona has slid out, only the last 4:00 of conversation"
+        assert full.warning.startswith("0:00 left") and "Stop and start again" in full.warning
+        assert memory(context, prompt, 230.0, keeps).held == "full since 3:36: the persona is sliding out"
