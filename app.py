@@ -555,6 +555,9 @@ def status_markdown(service: Service) -> str:
         if service.graphs_failed:
             text += f"; running without CUDA graphs, slower than it should (their capture failed: {html.escape(service.graphs_failed)})"
             kind = "busy"
+        if service.compile_failed:
+            text += f"; running uncompiled, slower than it should (torch.compile failed: {html.escape(service.compile_failed)})"
+            kind = "busy"
         if figures.tick_ms > 80:
             text += f", {figures.tick_ms / 80:.1f}x slower than real time: live audio will stutter (use a GPU, or the offline tab)"
             kind = "failed"

@@ -9,12 +9,18 @@ does work itself: the innermost operations (a composite such as a cast or `rms_n
 what it is made of), except views and no-ops (a cast to the same dtype, a reshape of a contiguous
 tensor) and allocations, which launch nothing on a GPU. Operations that CUDA runs as one kernel
 (GEMMs, fused attention, the fused norms, convolutions) count once, whatever they call on a CPU.
+In compiled regions (`Engine(compile=True)`, the default on CUDA) each kernel Inductor generated
+counts once (on a CPU its C++ kernels, which `kernel_profile` makes visible to the profiler),
+and so does each operation it calls outside them (GEMMs, top-k).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import re
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
@@ -39,7 +45,9 @@ REGIONS = [  # (file, function) -> the part of the tick; the innermost frame tha
     (("lm.py", "forward_embeddings"), "temporal transformer"), (("lm.py", "embed"), "temporal transformer"),
     (("generate.py", "ring_prepare"), "token ring"), (("generate.py", "ring_commit"), "token ring"),
     (("mimi.py", "encode"), "mimi encode"), (("mimi.py", "decode"), "mimi decode"),
+    (("generate.py", "_heads"), "sampling + depformer (compiled)"),
 ]
+GENERATED = re.compile(r"^graph_\d+_(cpp|triton)_")  # a kernel Inductor generated
 
 
 def narrow_7b() -> ModelConfig:
@@ -60,6 +68,14 @@ class OpCount:
         return sum(self.ops.values())
 
 
+@contextlib.contextmanager
+def kernel_profile() -> Iterator[None]:
+    """Inductor's C++ kernels named in the profiler: on while a region is compiled (set before
+    its first call)."""
+    with torch._inductor.config.patch({"cpp.enable_kernel_profile": True}):
+        yield
+
+
 def count_tick(engine, bucket: int) -> OpCount:
     """The kernels of one `Engine.step` over `bucket` slots (after a warm-up step)."""
     pcm = 0.1 * torch.randn(bucket, FRAME_SIZE)
@@ -74,6 +90,10 @@ def count_tick(engine, bucket: int) -> OpCount:
 def tally(events) -> OpCount:
     count = OpCount()
     for event in events:
+        if GENERATED.match(event.name):
+            count.ops["generated kernel"] += 1
+            count.regions[_region(event)] += 1
+            continue
         if not event.name.startswith("aten::"):
             continue
         name = event.name.removeprefix("aten::")

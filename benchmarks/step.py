@@ -96,7 +96,7 @@ def time_to_first_audio(engine: Engine, config: ModelConfig, prefill: bool, repe
         prompt = persona(config, seed=100 + r)
         sync(engine.device)
         start = time.perf_counter()
-        engine.start(0, prompt, SamplingParams(seed=r), prefill=prefill)
+        engine.start(0, prompt, SamplingParams(seed=r), prefill=prefill, keep_persona=engine.models.lm.transformer.pinning)
         engine.step(torch.zeros(1, FRAME_SIZE), 1).pcm.cpu()
         results.append((time.perf_counter() - start) * 1000)
     return statistics.median(results)
@@ -175,9 +175,12 @@ def run(args: argparse.Namespace) -> dict:
         fits = suggest_slots(config, dtype, device, cap=max(sessions))
         skipped = [n for n in sessions if n > fits]
         sessions = [n for n in sessions if n <= fits] or [fits]
-    engine = Engine(models, num_slots=max(sessions))
+    started = time.perf_counter()
+    keep = not args.no_pinning
+    engine = Engine(models, num_slots=max(sessions), pinning=keep, compile=False if args.no_compile else None)
+    engine_s = time.perf_counter() - started  # compiling and capturing every bucket
     for slot in range(max(sessions)):
-        engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot))
+        engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot), keep_persona=keep)
     after_engine = memory(device)
     rows, one_session = [], None
     for n in sessions:
@@ -194,6 +197,8 @@ def run(args: argparse.Namespace) -> dict:
     result = {
         "preset": args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "cuda_graphs": engine.cuda_graphs, "cuda_graphs_failed": engine.graphs_failed,
+        "compiled": engine.compiled, "compile_failed": engine.compile_failed, "engine_start_s": round(engine_s, 1),
+        "personas_kept": keep,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
         "torch": torch.__version__, "cuda": torch.version.cuda, "ticks": args.ticks, "rows": rows,
@@ -222,7 +227,8 @@ def run(args: argparse.Namespace) -> dict:
 def render(result: dict) -> str:
     lines = [
         f"{result['preset']} on {result['device']} ({result['hardware']}), {result['dtype']}, "
-        f"CUDA graphs: {result['cuda_graphs']}, {result['ticks']} ticks per row; naive: {result['naive']}",
+        f"CUDA graphs: {result['cuda_graphs']}, compiled: {result['compiled']} (engine ready in {result['engine_start_s']} s), "
+        f"{result['ticks']} ticks per row; naive: {result['naive']}",
         "sessions  bucket  median ms  p99 ms  max ms    RTF  frames/s  naive ms  speed-up",
     ]
     for r in result["rows"]:
@@ -249,28 +255,36 @@ def render(result: dict) -> str:
 
 
 def count_ops(args: argparse.Namespace) -> dict:
-    """The kernels one tick would launch, on the narrow 7B (`benchmarks.ops`), at each session count."""
-    from benchmarks.ops import count_tick, narrow_7b
+    """The kernels one tick would launch, on the narrow 7B (`benchmarks.ops`), at each session
+    count: eager, then compiled as on a GPU (unless `--no-compile`; compiling the narrow 7B
+    takes a minute or two per bucket on a CPU). Every slot keeps its persona, as in the app."""
+    from benchmarks.ops import count_tick, kernel_profile, narrow_7b
 
     torch.set_num_threads(args.threads)
     config = narrow_7b()
     sessions = [int(s) for s in args.sessions.split(",")]
-    engine = Engine(random_models(config, torch.device("cpu"), torch.bfloat16), num_slots=max(sessions))
+    engine = Engine(random_models(config, torch.device("cpu"), torch.bfloat16), num_slots=max(sessions), pinning=True,
+                    compile=False)
     for slot in range(max(sessions)):
-        engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot))
+        engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot), keep_persona=True)
     rows = []
-    for n in sessions:
-        counter = count_tick(engine, engine.bucket_for(n))
-        rows.append({"sessions": n, "bucket": engine.bucket_for(n), "ops": counter.total, "host_syncs": counter.host_syncs,
-                     "by_part": dict(counter.regions.most_common()), "top_ops": dict(counter.ops.most_common(12))})
-    return {"preset": "7b (narrow widths, bf16 LM)", "torch": torch.__version__, "rows": rows}
+    for path in ("eager", "compiled")[: 1 if args.no_compile else 2]:
+        engine.gen.compile_steps(path == "compiled")
+        for n in sessions:
+            with kernel_profile():
+                counter = count_tick(engine, engine.bucket_for(n))
+            rows.append({"path": path, "sessions": n, "bucket": engine.bucket_for(n), "ops": counter.total,
+                         "host_syncs": counter.host_syncs, "by_part": dict(counter.regions.most_common()),
+                         "top_ops": dict(counter.ops.most_common(12))})
+    return {"preset": "7b (narrow widths, bf16 LM, personas kept)", "torch": torch.__version__, "rows": rows}
 
 
 def render_ops(result: dict) -> str:
     lines = [f"operations that launch a kernel, one tick, {result['preset']}"]
     for r in result["rows"]:
         parts = ", ".join(f"{k} {v}" for k, v in r["by_part"].items())
-        lines.append(f"{r['sessions']:>3} sessions (bucket {r['bucket']}): {r['ops']} ops ({parts}); host syncs {r['host_syncs']}")
+        lines.append(f"{r['path']:>8}, {r['sessions']:>3} sessions (bucket {r['bucket']}): {r['ops']} ops ({parts}); "
+                     f"host syncs {r['host_syncs']}")
         lines.append("     most frequent: " + ", ".join(f"{k} {v}" for k, v in r["top_ops"].items()))
     return "\n".join(lines)
 
@@ -290,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--allow-eager", action="store_true", help="exit 0 even if the CUDA graphs could not be captured")
     p.add_argument("--eager-too", action="store_true", help="on CUDA, also time every row without the graphs")
     p.add_argument("--profile", action="store_true", help="on CUDA, profile one tick (kernels and their time)")
+    p.add_argument("--no-compile", action="store_true", help="the engine without torch.compile (the default on CUDA)")
+    p.add_argument("--no-pinning", action="store_true", help="the plain ring, the personas not kept (as the reference)")
     args = p.parse_args(argv)
     with torch.inference_mode():
         if args.count_ops:

@@ -29,7 +29,7 @@ import torch
 from .audio import normalize_loudness, read_audio
 from .config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS
 from .generate import LMGen, PromptFrames, PromptPlan, plan_prompt
-from .graphs import StepGraphs, graphs_enabled
+from .graphs import StepGraphs, compile_enabled, graphs_enabled
 from .loading import CheckpointError, Models, load_voice_embeddings
 from .persona import PromptError, VoicePrompt, build_prompt, voice_frames
 from .sampling import SamplingParams
@@ -105,6 +105,7 @@ class Engine:
         depformer_steps: int = CODES_PER_STREAM,
         cuda_graphs: bool | None = None,
         pinning: bool = False,
+        compile: bool | None = None,
     ) -> None:
         self.models = models
         self.num_slots = num_slots
@@ -118,6 +119,8 @@ class Engine:
         # States of work in pieces, one slot's worth each, made here (a 7B's KV cache is 1.5 GB:
         # not an allocation to make in the middle of live calls). Work of a kind runs one at a time.
         self._own: dict[str, SwappedStates] = {"prefill": fresh_states(self.gen, 1), "voice": fresh_states(models.mimi, 1)}
+        self.compile_failed: str | None = None  # why the step runs eagerly although compiling was asked for
+        self._compile(compile_enabled(self.device) if compile is None else compile)
         self._graphs: StepGraphs | None = None
         self.graphs_failed: str | None = None  # why the step runs without CUDA graphs although they were asked for
         if graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs:
@@ -127,6 +130,29 @@ class Engine:
     @property
     def cuda_graphs(self) -> bool:
         return self._graphs is not None
+
+    @property
+    def compiled(self) -> bool:
+        return self.gen.compiled
+
+    @torch.inference_mode()
+    def _compile(self, on: bool) -> None:
+        """Compile the tick's hot pieces (`LMGen.compile_steps`) for every bucket now, before
+        any graph is captured and any call waits; if that fails, run eagerly and say so."""
+        self.gen.compile_steps(on)
+        if not on:
+            return
+        limit = torch._dynamo.config.recompile_limit  # one graph per bucket, per compiled piece
+        torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.buckets()) + 2)
+        try:
+            for bucket in self.buckets():
+                self._step_bucket(torch.zeros(bucket, FRAME_SIZE, device=self.device), bucket)
+        except Exception as exc:  # a slower engine is better than none
+            logger.exception("compiling the engine step failed; running it eagerly")
+            self.compile_failed = f"{type(exc).__name__}: {exc}"
+            self.gen.compile_steps(False)
+        reset_slots(self.models.mimi, None)  # the warm-up stepped every slot: start them afresh
+        reset_slots(self.gen, None)
 
     @torch.inference_mode()
     def _capture_graphs(self) -> StepGraphs | None:

@@ -161,6 +161,15 @@ class LMGen(StreamingModule):
         self.lm = lm
         self.depformer_steps = depformer_steps
         self.register_buffer("delays", torch.tensor(lm.cfg.delays, device=lm.device), persistent=False)
+        self._run_heads = self._heads
+        self.compiled = False
+
+    def compile_steps(self, on: bool = True) -> None:
+        """Run the text sampling and the depformer of a live step (`_heads`) as one graph of
+        `torch.compile` per batch size (and `Transformer.compile_steps` for the temporal layers)."""
+        self.lm.transformer.compile_steps(on)
+        self._run_heads = torch.compile(self._heads, fullgraph=True, dynamic=False) if on else self._heads
+        self.compiled = on
 
     def make_state(self, batch_size: int) -> RingState:
         return new_ring_state(self.lm.cfg, batch_size, self.lm.device)
@@ -191,11 +200,8 @@ class LMGen(StreamingModule):
         keys = stream_keys(self.ring.seed, self.ring.offset, 1 + self.depformer_steps)  # [B, streams]: the step's noise keys
         # 2. temporal transformer on one column
         h = lm.forward_embeddings(lm.embed(inputs[:, :, None]))[:, 0]  # [B, dim]
-        # 3. text token, unless given
-        text = self._sample(lm.text_logits(h), keys[:, 0], kind=0)
-        next_text = torch.where(provided[:, 0], target[:, 0], text)
-        # 4. depformer over the agent's codebooks, teacher-forced where given
-        audio = self._depformer(h, next_text, target[:, 1:], provided[:, 1:], keys[:, 1:])  # [B, steps]
+        # 3, 4. the text token and the agent's codebooks
+        text, audio = self._run_heads(h, target, provided, keys)
         # 5. fill, emit, advance (rows past the depformer steps are the user's: always given)
         sampled = torch.cat([text[:, None], audio, target[:, 1 + audio.shape[1] :]], dim=1)
         return ring_commit(self.ring, self.delays, sampled)
@@ -207,6 +213,14 @@ class LMGen(StreamingModule):
         x = embeddings[:, None] if embeddings is not None else self.lm.embed(inputs[:, :, None])
         self.lm.forward_embeddings(x)
         ring_commit(self.ring, self.delays, None)
+
+    def _heads(self, h: torch.Tensor, target: torch.Tensor, provided: torch.Tensor,
+               keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The text token, then the depformer over the agent's codebooks, each teacher-forced
+        where given: text [B], audio [B, steps]."""
+        text = self._sample(self.lm.text_logits(h), keys[:, 0], kind=0)
+        next_text = torch.where(provided[:, 0], target[:, 0], text)
+        return text, self._depformer(h, next_text, target[:, 1:], provided[:, 1:], keys[:, 1:])
 
     def _sample(self, logits: torch.Tensor, key: torch.Tensor, kind: int) -> torch.Tensor:
         """Tokens of one stream (kind 0: text, 1: audio) with its noise keys `key` [B]."""

@@ -241,6 +241,8 @@ class Service:
         assert self.engine is not None
         if self.engine.graphs_failed:  # loud: the engine works, but slower than it should
             what += f" without CUDA graphs (their capture failed: {self.engine.graphs_failed})"
+        if self.engine.compile_failed:
+            what += f" uncompiled (torch.compile failed: {self.engine.compile_failed})"
         if frame_ms > 80:
             what += (
                 f". That is {frame_ms / 80:.1f}x slower than real time: live audio will stutter. "
@@ -322,6 +324,11 @@ class Service:
     def graphs_failed(self) -> str | None:
         """Why the engine runs without the CUDA graphs it should have (None: it has them, or is not on CUDA)."""
         return self.engine.graphs_failed if self.engine is not None else None
+
+    @property
+    def compile_failed(self) -> str | None:
+        """Why the engine runs uncompiled although it should be compiled (None: it is, or should not be)."""
+        return self.engine.compile_failed if self.engine is not None else None
 
     def figures(self) -> EngineFigures | None:
         """The engine now (None before it is loaded)."""

@@ -30,6 +30,7 @@ ring entries followed by the new keys before writing them, which is exact for an
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -87,19 +88,24 @@ class GatedMLP(nn.Module):
 
 
 def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float) -> torch.Tensor:
-    """e^(i * angle) of the interleaved RoPE pairs at `positions` [B, T]: [B, T, 1, 1, head_dim/2]
-    complex64, to multiply q and k of shape [B, T, 2, H, head_dim/2] (complex) with."""
+    """e^(i * angle) of the interleaved RoPE pairs at `positions` [B, T], as (cos, sin) pairs:
+    [B, T, 1, 1, head_dim/2, 2] float32, for q and k of shape [B, T, 2, H, head_dim]."""
     ds = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
     freqs = torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
     angles = freqs * positions.float()[:, :, None, None, None]  # [B, T, 1, 1, D/2]
-    return torch.polar(torch.ones_like(angles), angles)
+    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [..., D] in float32, then cast back:
-    one complex multiplication, (x[2i] + i x[2i+1]) * e^(i * angle)."""
+    (x[2i] + i x[2i+1]) * e^(i * angle), one complex multiplication. Compiled, the same product
+    in real arithmetic (Inductor generates no complex kernels; it fuses these into one)."""
+    if torch.compiler.is_compiling():
+        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [..., D/2] each
+        cos, sin = rotation.unbind(-1)
+        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [..., D/2]
-    return torch.view_as_real(pairs * rotation).flatten(-2).to(x.dtype)
+    return torch.view_as_real(pairs * torch.view_as_complex(rotation)).flatten(-2).to(x.dtype)
 
 
 def pinned_attention(q: torch.Tensor, q_pinned: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
@@ -119,11 +125,11 @@ class AttentionPlan:
     """What every layer of one forward needs, computed once per forward (not per layer)."""
 
     mask: torch.Tensor  # [B or 1, 1, T, S] bool, True = attend
-    rotation: torch.Tensor | None  # RoPE, [B or 1, T, 1, 1, D/2] complex
+    rotation: torch.Tensor | None  # RoPE, [B or 1, T, 1, 1, D/2, 2] (cos, sin)
     write_index: torch.Tensor | None  # [B, H, T', D] ring entries to write, for scatter_ (streaming only)
     write_from: int  # first of the T new steps that is written (a call longer than the ring)
     attend_new_separately: bool  # long call: attend over [old ring, new keys], then write
-    pinned_rotation: torch.Tensor | None = None  # pinning: the query's RoPE for pinned keys, [B, T, 1, D/2]
+    pinned_rotation: torch.Tensor | None = None  # pinning: the query's RoPE for pinned keys, [B, T, 1, D/2, 2]
     pinned_keys: torch.Tensor | None = None  # pinning: [B, 1, 1, S] bool, True where a key is pinned
 
 
@@ -215,6 +221,10 @@ class TransformerLayer(nn.Module):
         return x + self.gating(self.norm2(x))
 
 
+def _run_layer(layer: TransformerLayer, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    return layer(x, plan)
+
+
 @dataclass
 class OffsetState(StreamingState):
     offset: torch.Tensor  # [B] long: steps seen since the slot's reset
@@ -248,16 +258,26 @@ class Transformer(StreamingModule):
         self.layers = nn.ModuleList(
             TransformerLayer(dim, num_heads, self.capacity, hidden, mimi_style) for _ in range(num_layers)
         )
+        self._compiled_step: Callable[[TransformerLayer, torch.Tensor, AttentionPlan], torch.Tensor] | None = None
 
     def make_state(self, batch_size: int) -> OffsetState:
         device = self.layers[0].self_attn.in_proj_weight.device
         zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
         return OffsetState(offset=zeros, pinned=zeros.clone())
 
+    def compile_steps(self, on: bool = True) -> None:
+        """Run the layers of one-step streaming calls (the live tick) through `torch.compile`:
+        one graph per batch size, shared by every layer (their weights are its inputs). Prompts
+        and voice encodings (many steps at once, of any length) stay eager."""
+        self._compiled_step = torch.compile(_run_layer, fullgraph=True, dynamic=False) if on else None
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._plan(x)
+        run = _run_layer
+        if self._compiled_step is not None and x.shape[1] == 1 and self.state is not None:
+            run = self._compiled_step
         for layer in self.layers:
-            x = layer(x, plan)
+            x = run(layer, x, plan)
         if self.state is not None:
             assert isinstance(self.state, OffsetState)
             self.state.offset.add_(x.shape[1])
@@ -295,7 +315,7 @@ class Transformer(StreamingModule):
             assert is_pinned is not None and self.capacity == self.context, "pinning needs a one-step ring (the LM's)"
             # Once the window is full the query stands at context - 1 for the pinned keys.
             rel = torch.where(pinned > 0, q_pos.clamp(max=self.context - 1), q_pos)
-            plan.pinned_rotation = rope_rotation(rel, head_dim, self.max_period)[:, :, 0]  # [B, T, 1, D/2]
+            plan.pinned_rotation = rope_rotation(rel, head_dim, self.max_period)[:, :, 0]  # [B, T, 1, D/2, 2]
             plan.pinned_keys = is_pinned[:, None, None]  # [B, 1, 1, S]
         return plan
 

@@ -363,6 +363,10 @@ def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
     monkeypatch.setattr(service, "figures", lambda: EngineFigures(0, 2, 9.0))
     text = app.status_markdown(service)  # a failed capture is said, not only logged
     assert "running without CUDA graphs" in text and "operation not permitted" in text and "dot busy" in text
+    monkeypatch.setattr(service.engine, "graphs_failed", None)
+    monkeypatch.setattr(service.engine, "compile_failed", "BackendCompilerFailed: no C++ compiler")
+    text = app.status_markdown(service)
+    assert "running uncompiled" in text and "no C++ compiler" in text and "dot busy" in text
 
 
 def test_live_captions_are_escaped_and_show_the_end_of_a_long_turn():

@@ -1,0 +1,69 @@
+"""The tick compiled (`Engine(compile=True)`, the default on CUDA) equals the eager tick: greedy
+tokens in float32 on the tiny checkpoint, across buckets, with and without a pinned persona;
+and its kernels are counted by the op counter. Compiled on the CPU here (Inductor's C++)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from benchmarks.ops import count_tick, kernel_profile
+from personaplex import generate
+from personaplex.config import FRAME_SIZE
+from personaplex.engine import Engine
+from personaplex.sampling import SamplingParams
+
+ROLE = "You enjoy having a good conversation."
+STEPS = 24
+
+
+def session(models, compile: bool) -> tuple[Engine, list[torch.Tensor]]:
+    with kernel_profile():
+        engine = Engine(models, num_slots=2, pinning=True, compile=compile)
+    assert engine.compiled is compile and engine.compile_failed is None
+    prompt = engine.prompt(engine.voice("TESTV0"), ROLE)
+    engine.start(0, prompt, SamplingParams(greedy=True), keep_persona=True)
+    engine.start(1, prompt, SamplingParams(greedy=True, seed=3))
+    g = torch.Generator().manual_seed(0)
+    tokens = []
+    for i in range(STEPS):
+        bucket = 1 + i % 2  # both buckets, slot 1 waits while bucket 1 runs
+        tokens.append(engine.step(0.1 * torch.randn(bucket, FRAME_SIZE, generator=g), bucket).tokens.clone())
+    return engine, tokens
+
+
+@pytest.fixture(scope="module")
+def both(models):
+    _, eager = session(models, compile=False)
+    compiled, tokens = session(models, compile=True)
+    yield compiled, eager, tokens
+    compiled.gen.compile_steps(False)
+
+
+def test_the_compiled_tick_gives_the_eager_tokens(both):
+    _, eager, compiled = both
+    for a, b in zip(eager, compiled, strict=True):
+        assert torch.equal(a, b)
+
+
+def test_the_op_counter_sees_the_generated_kernels_and_fewer_operations(both, models):
+    engine, _, _ = both
+    compiled = count_tick(engine, 1)
+    engine.gen.compile_steps(False)
+    eager = count_tick(engine, 1)
+    engine.gen.compile_steps(True)
+    assert compiled.ops["generated kernel"] > 0 and "generated kernel" not in eager.ops
+    assert compiled.total < eager.total and compiled.host_syncs == eager.host_syncs == 0
+
+
+def test_a_failed_compile_leaves_an_eager_engine_that_says_why(models, monkeypatch):
+    def broken(fn, **_):
+        def run(*args, **kwargs):
+            raise RuntimeError("no C++ compiler")
+        return run
+
+    monkeypatch.setattr(generate.torch, "compile", broken)
+    engine = Engine(models, num_slots=1, compile=True)
+    assert not engine.compiled and "no C++ compiler" in (engine.compile_failed or "")
+    engine.start(0, engine.prompt(engine.voice("TESTV0"), ROLE), SamplingParams(greedy=True))
+    assert engine.step(torch.zeros(1, FRAME_SIZE)).tokens.shape[0] == 1
