@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# The GPU suite in one command, for whoever has a CUDA GPU (about 10 minutes on an H100/H200):
-# the device and versions, the GPU tests, the engine benchmark on the 7B preset in bf16 (random
-# weights) at 1 to 64 sessions (as many as the card holds) with CUDA graphs and without, every
-# ring full, memory, a profile of one tick, and the kernel count. Writes benchmarks/out/gpu-*.json
-# (the benchmark) and gpu-*.log (everything). Run it from a clone after ./run_tests.sh (or with
-# PYTHON pointing at an interpreter that has requirements-dev.txt).
+# The GPU suite in one command, for whoever has a CUDA GPU (10 to 15 minutes on an H100/H200,
+# compiling every bucket included): the device and versions, the GPU tests, the engine benchmark
+# on the 7B preset in bf16 (random weights, compiled) at 1 to 64 sessions (as many as the card
+# holds) with CUDA graphs and without, every ring full, memory, a profile of one tick; the same
+# uncompiled at 1, 8 and 64 sessions; and the kernel count. Writes benchmarks/out/gpu-*.json
+# (the benchmarks) and gpu-*.log (everything). Run it from a clone after ./run_tests.sh (or
+# with PYTHON pointing at an interpreter that has requirements-dev.txt).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
@@ -22,6 +23,10 @@ echo "== benchmark: 7B, bf16, CUDA graphs, then without; every ring full; memory
 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,16,32,64 --ticks 1000 --eager-too --profile --json > "$json" \
     || status=$?
 "$PY" -c "import json, sys; from benchmarks.step import render; print(render(json.load(open(sys.argv[1]))))" "$json" || true
+echo "== benchmark: the same without torch.compile (graphs on), for its gain"
+"$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,64 --ticks 300 --no-compile --json > "${json%.json}-no-compile.json" \
+    || status=$?
+"$PY" -c "import json, sys; from benchmarks.step import render; print(render(json.load(open(sys.argv[1]))))" "${json%.json}-no-compile.json" || true
 echo "== kernels per tick (counted on the CPU)"; "$PY" -m benchmarks.step --count-ops --sessions 1,8 || status=1
 echo "wrote $json and $log (exit $status)"
 exit "$status"

@@ -1,4 +1,5 @@
-"""CUDA only (skipped elsewhere): the graphed engine gives what the eager engine gives."""
+"""CUDA only (skipped elsewhere): the graphed engine gives what the eager engine gives, compiled
+or not, and the compiled engine's greedy tokens are the uncompiled engine's in float32."""
 
 from __future__ import annotations
 
@@ -15,11 +16,12 @@ from .helpers import CHECKPOINT, user_audio
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
-def session_tokens(cuda_graphs: bool, greedy: bool) -> torch.Tensor:
+def session_tokens(cuda_graphs: bool, greedy: bool, compile: bool = False) -> torch.Tensor:
     models = load_models(resolve_checkpoint(CHECKPOINT), TINY, "cuda", torch.float32)
-    engine = Engine(models, num_slots=4, cuda_graphs=cuda_graphs)
+    engine = Engine(models, num_slots=4, cuda_graphs=cuda_graphs, pinning=True, compile=compile)
+    assert engine.compiled is compile and engine.compile_failed is None
     prompt = engine.prompt(engine.voice("TESTV0"), "You enjoy having a good conversation.")
-    engine.start(1, prompt, SamplingParams(greedy=greedy, seed=5))
+    engine.start(1, prompt, SamplingParams(greedy=greedy, seed=5), keep_persona=True)
     tokens = []
     for frame in user_audio(12, seed=9):
         batch = torch.zeros(2, frame.numel())
@@ -28,15 +30,23 @@ def session_tokens(cuda_graphs: bool, greedy: bool) -> torch.Tensor:
     return torch.stack(tokens)
 
 
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
 @pytest.mark.parametrize("greedy", [True, False])
-def test_cuda_graphs_replay_what_eager_computes(greedy):
-    assert torch.equal(session_tokens(True, greedy), session_tokens(False, greedy))
+def test_cuda_graphs_replay_what_eager_computes(greedy, compile):
+    assert torch.equal(session_tokens(True, greedy, compile), session_tokens(False, greedy, compile))
 
 
-def test_7b_heads_in_bf16_graphed_equal_eager_in_any_bucket_order():
+def test_the_compiled_engine_gives_the_greedy_tokens_of_the_uncompiled_one_in_float32():
+    assert torch.equal(session_tokens(True, True, compile=True), session_tokens(False, True, compile=False))
+
+
+@pytest.mark.parametrize("compile", [False, True], ids=["eager", "compiled"])
+def test_7b_heads_in_bf16_graphed_equal_eager_in_any_bucket_order(compile):
     """The 7B's widths and heads at 2 layers, in bf16 as the release runs: each bucket's graph,
-    replayed in any order after capture (4, 2, 4, 1, 4), gives what the eager engine gives,
-    through the pinned host buffers the engine thread uses."""
+    replayed in any order after capture (4, 2, 4, 1, 4), gives what the same engine gives
+    without graphs, through the pinned host buffers the engine thread uses; compiled or not
+    (in bf16 compiled kernels round differently from eager ones, so each is compared with
+    itself). Every slot keeps its persona, as in the app."""
     import dataclasses
 
     import numpy as np
@@ -49,10 +59,11 @@ def test_7b_heads_in_bf16_graphed_equal_eager_in_any_bucket_order():
 
     def run(cuda_graphs: bool) -> list[tuple[np.ndarray, np.ndarray]]:
         models = random_models(config, torch.device("cuda"), torch.bfloat16)
-        engine = Engine(models, num_slots=4, cuda_graphs=cuda_graphs)
+        engine = Engine(models, num_slots=4, cuda_graphs=cuda_graphs, pinning=True, compile=compile)
         assert engine.cuda_graphs is cuda_graphs and engine.graphs_failed is None
+        assert engine.compiled is compile and engine.compile_failed is None
         for slot in range(4):
-            engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot))
+            engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot), keep_persona=True)
         g = torch.Generator().manual_seed(0)
         outs = []
         for bucket in (4, 2, 4, 1, 4):
