@@ -269,7 +269,7 @@ def count_ops(args: argparse.Namespace) -> dict:
         engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot), keep_persona=True)
     rows = []
     for path in ("eager", "compiled")[: 1 if args.no_compile else 2]:
-        engine.gen.compile_steps(path == "compiled")
+        engine.compile_steps(path == "compiled")
         for n in sessions:
             with kernel_profile():
                 counter = count_tick(engine, engine.bucket_for(n))

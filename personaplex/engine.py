@@ -135,11 +135,20 @@ class Engine:
     def compiled(self) -> bool:
         return self.gen.compiled
 
+    def compile_steps(self, on: bool) -> None:
+        """The tick's pieces compiled (one graph per bucket each) or eager: Mimi's frame encode
+        and decode, the temporal layers, the text sampling with the depformer. Each bucket is
+        compiled at its first tick: `Engine(compile=True)` does that for all of them at once."""
+        mimi = self.models.mimi
+        self.gen.compile_steps(on)
+        self._encode = torch.compile(mimi.encode, fullgraph=True, dynamic=False) if on else mimi.encode
+        self._decode = torch.compile(mimi.decode, fullgraph=True, dynamic=False) if on else mimi.decode
+
     @torch.inference_mode()
     def _compile(self, on: bool) -> None:
         """Compile the tick's hot pieces (`LMGen.compile_steps`) for every bucket now, before
         any graph is captured and any call waits; if that fails, run eagerly and say so."""
-        self.gen.compile_steps(on)
+        self.compile_steps(on)
         if not on:
             return
         limit = torch._dynamo.config.recompile_limit  # one graph per bucket, per compiled piece
@@ -150,7 +159,7 @@ class Engine:
         except Exception as exc:  # a slower engine is better than none
             logger.exception("compiling the engine step failed; running it eagerly")
             self.compile_failed = f"{type(exc).__name__}: {exc}"
-            self.gen.compile_steps(False)
+            self.compile_steps(False)
         reset_slots(self.models.mimi, None)  # the warm-up stepped every slot: start them afresh
         reset_slots(self.gen, None)
 
@@ -335,14 +344,13 @@ class Engine:
         return self._views[key]
 
     def _step(self, pcm: torch.Tensor) -> Frame:
-        mimi = self.models.mimi
         # 1. the user's audio -> Mimi codes
-        user_codes = mimi.encode(pcm[:, None])[:, :, 0]  # [B, 8]
+        user_codes = self._encode(pcm[:, None])[:, :, 0]  # [B, 8]
         # 2. one LM step: text and the agent's codes
         out = self.gen.step(user_codes)
         # 3. the agent's codes -> audio; a slot never started has start tokens: decode silence there
         codes = torch.where(out.valid[:, None], out.agent_codes, self._silence)
-        agent = mimi.decode(codes[:, :, None])[:, 0]  # [B, 1920]
+        agent = self._decode(codes[:, :, None])[:, 0]  # [B, 1920]
         return Frame(pcm=agent, tokens=out.tokens, valid=out.valid)
 
 

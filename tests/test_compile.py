@@ -1,6 +1,8 @@
-"""The tick compiled (`Engine(compile=True)`, the default on CUDA) equals the eager tick: greedy
-tokens in float32 on the tiny checkpoint, across buckets, with and without a pinned persona;
-and its kernels are counted by the op counter. Compiled on the CPU here (Inductor's C++)."""
+"""The tick compiled (`Engine(compile=True)`, the default on CUDA: Mimi's frame encode and
+decode, the temporal layers, the text sampling with the depformer) equals the eager tick:
+greedy tokens in float32 on the tiny checkpoint, and the audio to float rounding, across
+buckets, with and without a pinned persona; and the op counter counts its kernels. Compiled
+on the CPU here (Inductor's C++)."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ ROLE = "You enjoy having a good conversation."
 STEPS = 24
 
 
-def session(models, compile: bool) -> tuple[Engine, list[torch.Tensor]]:
+def session(models, compile: bool) -> tuple[Engine, list[tuple[torch.Tensor, torch.Tensor]]]:
     with kernel_profile():
         engine = Engine(models, num_slots=2, pinning=True, compile=compile)
     assert engine.compiled is compile and engine.compile_failed is None
@@ -25,11 +27,12 @@ def session(models, compile: bool) -> tuple[Engine, list[torch.Tensor]]:
     engine.start(0, prompt, SamplingParams(greedy=True), keep_persona=True)
     engine.start(1, prompt, SamplingParams(greedy=True, seed=3))
     g = torch.Generator().manual_seed(0)
-    tokens = []
+    outputs = []
     for i in range(STEPS):
         bucket = 1 + i % 2  # both buckets, slot 1 waits while bucket 1 runs
-        tokens.append(engine.step(0.1 * torch.randn(bucket, FRAME_SIZE, generator=g), bucket).tokens.clone())
-    return engine, tokens
+        frame = engine.step(0.1 * torch.randn(bucket, FRAME_SIZE, generator=g), bucket)
+        outputs.append((frame.tokens.clone(), frame.pcm.clone()))
+    return engine, outputs
 
 
 @pytest.fixture(scope="module")
@@ -37,21 +40,22 @@ def both(models):
     _, eager = session(models, compile=False)
     compiled, tokens = session(models, compile=True)
     yield compiled, eager, tokens
-    compiled.gen.compile_steps(False)
+    compiled.compile_steps(False)
 
 
-def test_the_compiled_tick_gives_the_eager_tokens(both):
+def test_the_compiled_tick_gives_the_eager_tokens_and_audio(both):
     _, eager, compiled = both
-    for a, b in zip(eager, compiled, strict=True):
-        assert torch.equal(a, b)
+    for (tokens_a, pcm_a), (tokens_b, pcm_b) in zip(eager, compiled, strict=True):
+        assert torch.equal(tokens_a, tokens_b)
+        torch.testing.assert_close(pcm_b, pcm_a, atol=1e-4, rtol=0)
 
 
 def test_the_op_counter_sees_the_generated_kernels_and_fewer_operations(both, models):
     engine, _, _ = both
     compiled = count_tick(engine, 1)
-    engine.gen.compile_steps(False)
+    engine.compile_steps(False)
     eager = count_tick(engine, 1)
-    engine.gen.compile_steps(True)
+    engine.compile_steps(True)
     assert compiled.ops["generated kernel"] > 0 and "generated kernel" not in eager.ops
     assert compiled.total < eager.total and compiled.host_syncs == eager.host_syncs == 0
 
