@@ -146,7 +146,7 @@ class Engine:
 
     @torch.inference_mode()
     def _compile(self, on: bool) -> None:
-        """Compile the tick's hot pieces (`LMGen.compile_steps`) for every bucket now, before
+        """Compile the tick's hot pieces (`compile_steps`) for every bucket now, before
         any graph is captured and any call waits; if that fails, run eagerly and say so."""
         self.compile_steps(on)
         if not on:
