@@ -47,7 +47,7 @@ REGIONS = [  # (file, function) -> the part of the tick; the innermost frame tha
     (("mimi.py", "encode"), "mimi encode"), (("mimi.py", "decode"), "mimi decode"),
     (("generate.py", "_heads"), "sampling + depformer (compiled)"),
 ]
-GENERATED = re.compile(r"^graph_\d+_(cpp|triton)_")  # a kernel Inductor generated
+GENERATED = re.compile(r"^graph_\d+_(cpp_|triton_|kernel)")  # a kernel Inductor generated (`kernel`: its CPU flex template)
 
 
 def narrow_7b() -> ModelConfig:

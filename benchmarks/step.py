@@ -177,7 +177,8 @@ def run(args: argparse.Namespace) -> dict:
         sessions = [n for n in sessions if n <= fits] or [fits]
     started = time.perf_counter()
     keep = not args.no_pinning
-    engine = Engine(models, num_slots=max(sessions), pinning=keep, compile=False if args.no_compile else None)
+    engine = Engine(models, num_slots=max(sessions), pinning=keep, compile=False if args.no_compile else None,
+                    prefix_attention=False if args.masked_attention else None)
     engine_s = time.perf_counter() - started  # compiling and capturing every bucket
     for slot in range(max(sessions)):
         engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot), keep_persona=keep)
@@ -198,6 +199,8 @@ def run(args: argparse.Namespace) -> dict:
         "preset": args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "cuda_graphs": engine.cuda_graphs, "cuda_graphs_failed": engine.graphs_failed,
         "compiled": engine.compiled, "compile_failed": engine.compile_failed, "engine_start_s": round(engine_s, 1),
+        "prefix_attention": engine.prefix_attention,
+        "prefix_attention_failed": engine.prefix_attention_failed,
         "personas_kept": keep,
         "threads": torch.get_num_threads() if device.type == "cpu" else None,
         "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine(),
@@ -228,6 +231,7 @@ def render(result: dict) -> str:
     lines = [
         f"{result['preset']} on {result['device']} ({result['hardware']}), {result['dtype']}, "
         f"CUDA graphs: {result['cuda_graphs']}, compiled: {result['compiled']} (engine ready in {result['engine_start_s']} s), "
+        f"attention over what each slot holds: {result['prefix_attention']}, "
         f"{result['ticks']} ticks per row; naive: {result['naive']}",
         "sessions  bucket  median ms  p99 ms  max ms    RTF  frames/s  naive ms  speed-up",
     ]
@@ -257,16 +261,19 @@ def render(result: dict) -> str:
 def count_ops(args: argparse.Namespace) -> dict:
     """The kernels one tick would launch, on the narrow 7B (`benchmarks.ops`), at each session
     count: eager, then compiled as on a GPU (unless `--no-compile`; compiling the narrow 7B
-    takes a minute or two per bucket on a CPU). Every slot keeps its persona, as in the app."""
+    takes a minute or two per bucket on a CPU). Every slot keeps its persona, as in the app,
+    unless `--no-pinning`. Compiled on a CPU, pinned slots attend through the masked path (the
+    CPU's flex kernel has no log-sum-exp); on CUDA, and unpinned here, through `prefix_attention`."""
     from benchmarks.ops import count_tick, kernel_profile, narrow_7b
 
     torch.set_num_threads(args.threads)
     config = narrow_7b()
     sessions = [int(s) for s in args.sessions.split(",")]
-    engine = Engine(random_models(config, torch.device("cpu"), torch.bfloat16), num_slots=max(sessions), pinning=True,
+    keep = not args.no_pinning
+    engine = Engine(random_models(config, torch.device("cpu"), torch.bfloat16), num_slots=max(sessions), pinning=keep,
                     compile=False)
     for slot in range(max(sessions)):
-        engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot), keep_persona=True)
+        engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot), keep_persona=keep)
     rows = []
     for path in ("eager", "compiled")[: 1 if args.no_compile else 2]:
         engine.compile_steps(path == "compiled")
@@ -276,7 +283,8 @@ def count_ops(args: argparse.Namespace) -> dict:
             rows.append({"path": path, "sessions": n, "bucket": engine.bucket_for(n), "ops": counter.total,
                          "host_syncs": counter.host_syncs, "by_part": dict(counter.regions.most_common()),
                          "top_ops": dict(counter.ops.most_common(12))})
-    return {"preset": "7b (narrow widths, bf16 LM, personas kept)", "torch": torch.__version__, "rows": rows}
+    kept = "personas kept" if keep else "personas not kept"
+    return {"preset": f"7b (narrow widths, bf16 LM, {kept})", "torch": torch.__version__, "rows": rows}
 
 
 def render_ops(result: dict) -> str:
@@ -305,6 +313,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--eager-too", action="store_true", help="on CUDA, also time every row without the graphs")
     p.add_argument("--profile", action="store_true", help="on CUDA, profile one tick (kernels and their time)")
     p.add_argument("--no-compile", action="store_true", help="the engine without torch.compile (the default on CUDA)")
+    p.add_argument("--masked-attention", action="store_true",
+                   help="compiled attention over every ring entry, masked, instead of what each slot holds")
     p.add_argument("--no-pinning", action="store_true", help="the plain ring, the personas not kept (as the reference)")
     args = p.parse_args(argv)
     with torch.inference_mode():

@@ -106,12 +106,14 @@ class Engine:
         cuda_graphs: bool | None = None,
         pinning: bool = False,
         compile: bool | None = None,
+        prefix_attention: bool | None = None,
     ) -> None:
         self.models = models
         self.num_slots = num_slots
         self.device = models.device
         self.gen = LMGen(models.lm, depformer_steps)
         models.lm.transformer.pinning = pinning  # slots may keep their system prompt (`start(keep_persona=True)`)
+        models.lm.transformer.prefix_attention = prefix_attention  # None: when compiled (`Transformer._attends_prefix`)
         enable_streaming(models.mimi, num_slots)
         enable_streaming(self.gen, num_slots)
         self._silence = torch.tensor(SILENCE_TOKENS, device=self.device)[None]  # [1, 8]
@@ -120,6 +122,7 @@ class Engine:
         # not an allocation to make in the middle of live calls). Work of a kind runs one at a time.
         self._own: dict[str, SwappedStates] = {"prefill": fresh_states(self.gen, 1), "voice": fresh_states(models.mimi, 1)}
         self.compile_failed: str | None = None  # why the step runs eagerly although compiling was asked for
+        self.prefix_attention_failed: str | None = None  # why compiled attention reads every ring entry
         self._compile(compile_enabled(self.device) if compile is None else compile)
         self._graphs: StepGraphs | None = None
         self.graphs_failed: str | None = None  # why the step runs without CUDA graphs although they were asked for
@@ -134,6 +137,11 @@ class Engine:
     @property
     def compiled(self) -> bool:
         return self.gen.compiled
+
+    @property
+    def prefix_attention(self) -> bool:
+        """Whether the tick's attention reads only what each slot holds (`prefix_attention`)."""
+        return self.models.lm.transformer.attends_prefix(self.device)
 
     def compile_steps(self, on: bool) -> None:
         """The tick's pieces compiled (one graph per bucket each) or eager: Mimi's frame encode
@@ -153,15 +161,30 @@ class Engine:
             return
         limit = torch._dynamo.config.recompile_limit  # one graph per bucket, per compiled piece
         torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.buckets()) + 2)
-        try:
-            for bucket in self.buckets():
-                self._step_bucket(torch.zeros(bucket, FRAME_SIZE, device=self.device), bucket)
-        except Exception as exc:  # a slower engine is better than none
-            logger.exception("compiling the engine step failed; running it eagerly")
-            self.compile_failed = f"{type(exc).__name__}: {exc}"
+        transformer = self.models.lm.transformer
+        failure = self._warm_buckets()
+        if failure is not None and transformer.prefix_attention is None:  # the flex kernel may be what failed
+            logger.warning("trying again with attention over every ring entry")
+            self.prefix_attention_failed = failure
+            transformer.prefix_attention = False
+            self.compile_steps(True)
+            failure = self._warm_buckets()
+        if failure is not None:  # a slower engine is better than none
+            logger.warning("running the engine step eagerly")
+            self.compile_failed = failure
             self.compile_steps(False)
         reset_slots(self.models.mimi, None)  # the warm-up stepped every slot: start them afresh
         reset_slots(self.gen, None)
+
+    def _warm_buckets(self) -> str | None:
+        """Step every bucket once (compiling what is compiled for it); what failed, if anything."""
+        try:
+            for bucket in self.buckets():
+                self._step_bucket(torch.zeros(bucket, FRAME_SIZE, device=self.device), bucket)
+        except Exception as exc:
+            logger.exception("compiling the engine step failed")
+            return f"{type(exc).__name__}: {exc}"
+        return None
 
     @torch.inference_mode()
     def _capture_graphs(self) -> StepGraphs | None:
@@ -272,6 +295,15 @@ class Engine:
         state = self.models.lm.transformer.state
         assert isinstance(state, OffsetState)
         state.pinned.copy_(state.offset if keep_persona else torch.zeros_like(state.offset))
+
+    @torch.inference_mode()
+    def park(self, slot: int) -> None:
+        """`slot` holds no conversation (until its next `start`) but may still step in a bucket:
+        its LM attention window stays empty instead of filling with silence."""
+        self._check_slot(slot)
+        state = self.models.lm.transformer.state
+        assert isinstance(state, OffsetState)
+        state.park(slot_mask(self.num_slots, slot, self.device))
 
     @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:

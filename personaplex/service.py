@@ -243,6 +243,8 @@ class Service:
             what += f" without CUDA graphs (their capture failed: {self.engine.graphs_failed})"
         if self.engine.compile_failed:
             what += f" uncompiled (torch.compile failed: {self.engine.compile_failed})"
+        elif self.engine.prefix_attention_failed:
+            what += f" with attention over every ring entry (the flex kernel failed: {self.engine.prefix_attention_failed})"
         if frame_ms > 80:
             what += (
                 f". That is {frame_ms / 80:.1f}x slower than real time: live audio will stutter. "

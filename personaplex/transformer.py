@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .prefix_attention import BlockMask, prefix_attention, prefix_mask
 from .streaming import StreamingModule, StreamingState
 
 
@@ -99,11 +100,13 @@ def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float) -> 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     """Rotate the interleaved pairs (x[2i], x[2i+1]) of x [..., D] in float32, then cast back:
     (x[2i] + i x[2i+1]) * e^(i * angle), one complex multiplication. Compiled, the same product
-    in real arithmetic (Inductor generates no complex kernels; it fuses these into one)."""
+    in real arithmetic, x * cos + (-x[2i+1], x[2i]) * sin (Inductor generates no complex
+    kernels; it fuses these into one, whose output is a tensor of x's shape, not a view)."""
     if torch.compiler.is_compiling():
-        a, b = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # [..., D/2] each
-        cos, sin = rotation.unbind(-1)
-        return torch.stack([a * cos - b * sin, a * sin + b * cos], dim=-1).flatten(-2).to(x.dtype)
+        xf = x.float()
+        a, b = xf.unflatten(-1, (-1, 2)).unbind(-1)  # [..., D/2] each
+        cos, sin = (part.repeat_interleave(2, dim=-1) for part in rotation.unbind(-1))  # [..., D] each
+        return (xf * cos + torch.stack([-b, a], dim=-1).flatten(-2) * sin).to(x.dtype)
     pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # [..., D/2]
     return torch.view_as_real(pairs * torch.view_as_complex(rotation)).flatten(-2).to(x.dtype)
 
@@ -124,13 +127,14 @@ def pinned_attention(q: torch.Tensor, q_pinned: torch.Tensor, keys: torch.Tensor
 class AttentionPlan:
     """What every layer of one forward needs, computed once per forward (not per layer)."""
 
-    mask: torch.Tensor  # [B or 1, 1, T, S] bool, True = attend
+    mask: torch.Tensor | None  # [B or 1, 1, T, S] bool, True = attend; None on the prefix route
     rotation: torch.Tensor | None  # RoPE, [B or 1, T, 1, 1, D/2, 2] (cos, sin)
     write_index: torch.Tensor | None  # [B, H, T', D] ring entries to write, for scatter_ (streaming only)
     write_from: int  # first of the T new steps that is written (a call longer than the ring)
     attend_new_separately: bool  # long call: attend over [old ring, new keys], then write
     pinned_rotation: torch.Tensor | None = None  # pinning: the query's RoPE for pinned keys, [B, T, 1, D/2, 2]
     pinned_keys: torch.Tensor | None = None  # pinning: [B, 1, 1, S] bool, True where a key is pinned
+    prefix: BlockMask | None = None  # the prefix route (`prefix_attention`): the filled ring entries of each slot
 
 
 @dataclass
@@ -165,15 +169,25 @@ class Attention(StreamingModule):
     def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         B, T, D = x.shape
         qkv = F.linear(x, self.in_proj_weight).view(B, T, 3, self.num_heads, -1)  # [B, T, 3, H, Dh]
-        qk = qkv[:, :, :2] if plan.rotation is None else apply_rope(qkv[:, :, :2], plan.rotation)  # q and k at once
-        q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh] each
+        if plan.prefix is None:
+            qk = qkv[:, :, :2] if plan.rotation is None else apply_rope(qkv[:, :, :2], plan.rotation)  # q and k at once
+            q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh] each
+        else:  # the query in a tensor of its own, made as [B, H, T, Dh]: what the CPU flex kernel takes
+            assert plan.rotation is not None
+            rotation = plan.rotation[:, :, 0]  # [B, T, 1, D/2, 2]
+            q = apply_rope(qkv[:, :, 0].transpose(1, 2), rotation.transpose(1, 2))
+            k = apply_rope(qkv[:, :, 1], rotation).transpose(1, 2)
         v = qkv[:, :, 2].transpose(1, 2)  # [B, H, T, Dh]
         keys, values = self._complete(k, v, plan)
-        if plan.pinned_keys is None:
+        q_pinned = None
+        if plan.pinned_rotation is not None:
+            q_pinned = apply_rope(qkv[:, :, 0], plan.pinned_rotation).transpose(1, 2)  # [B, H, T, Dh]
+        if plan.prefix is not None:
+            out = prefix_attention(q, q_pinned, keys, values, plan.prefix)
+        elif q_pinned is None:
             out = F.scaled_dot_product_attention(q, keys, values, attn_mask=plan.mask)
         else:
-            assert plan.pinned_rotation is not None
-            q_pinned = apply_rope(qkv[:, :, 0], plan.pinned_rotation).transpose(1, 2)  # [B, H, T, Dh]
+            assert plan.mask is not None and plan.pinned_keys is not None
             out = pinned_attention(q, q_pinned, keys, values, plan.mask, plan.pinned_keys)
         return self.out_proj(out.transpose(1, 2).reshape(B, T, D))
 
@@ -229,10 +243,18 @@ def _run_layer(layer: TransformerLayer, x: torch.Tensor, plan: AttentionPlan) ->
 class OffsetState(StreamingState):
     offset: torch.Tensor  # [B] long: steps seen since the slot's reset
     pinned: torch.Tensor  # [B] long: the first steps kept for the whole conversation (0: none)
+    advance: torch.Tensor  # [B] long: 1, or 0 for a parked slot (`park`): it stays at offset 0
 
     def reset(self, mask: torch.Tensor) -> None:
         self.offset.masked_fill_(mask, 0)
         self.pinned.masked_fill_(mask, 0)
+        self.advance.masked_fill_(mask, 1)
+
+    def park(self, mask: torch.Tensor) -> None:
+        """Slots that hold no conversation but still step in a batch: they stay empty (each step
+        overwrites entry 0), so on the prefix route they cost one key until their next reset."""
+        self.reset(mask)
+        self.advance.masked_fill_(mask, 0)
 
 
 class Transformer(StreamingModule):
@@ -255,6 +277,9 @@ class Transformer(StreamingModule):
         self.max_period = max_period
         self.capacity = context + chunk - 1
         self.pinning = False  # whether slots may pin their first steps (`OffsetState.pinned`); LM only (chunk 1)
+        # One-step calls read only each slot's filled entries (`prefix_attention`): None when the
+        # layers are compiled (eagerly flex attention is slower than the masked path), or always, or never.
+        self.prefix_attention: bool | None = None
         self.layers = nn.ModuleList(
             TransformerLayer(dim, num_heads, self.capacity, hidden, mimi_style) for _ in range(num_layers)
         )
@@ -263,11 +288,12 @@ class Transformer(StreamingModule):
     def make_state(self, batch_size: int) -> OffsetState:
         device = self.layers[0].self_attn.in_proj_weight.device
         zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
-        return OffsetState(offset=zeros, pinned=zeros.clone())
+        return OffsetState(offset=zeros, pinned=zeros.clone(), advance=torch.ones_like(zeros))
 
     def compile_steps(self, on: bool = True) -> None:
         """Run the layers of one-step streaming calls (the live tick) through `torch.compile`:
-        one graph per batch size, shared by every layer (their weights are its inputs). Prompts
+        one graph per batch size, shared by every layer (their weights are its inputs), whose
+        attention reads only each slot's filled ring entries (see `prefix_attention`). Prompts
         and voice encodings (many steps at once, of any length) stay eager."""
         self._compiled_step = torch.compile(_run_layer, fullgraph=True, dynamic=False) if on else None
 
@@ -280,7 +306,7 @@ class Transformer(StreamingModule):
             x = run(layer, x, plan)
         if self.state is not None:
             assert isinstance(self.state, OffsetState)
-            self.state.offset.add_(x.shape[1])
+            self.state.offset.add_(self.state.advance * x.shape[1])
         return x
 
     def _plan(self, x: torch.Tensor) -> AttentionPlan:
@@ -300,6 +326,13 @@ class Transformer(StreamingModule):
         write_from = max(0, T - self.capacity)
         entries = self._entry(q_pos[:, write_from:], pinned)[:, None, :, None]  # [B, 1, T', 1]
         write_index = entries.expand(-1, self.num_heads, -1, head_dim)  # [B, H, T', Dh]
+        if self._attends_prefix(x):
+            plan = AttentionPlan(None, rotation, write_index, 0, False)
+            lengths = (state.offset + 1).clamp(max=self.capacity)  # [B] entries filled once this step is written
+            plan.prefix = prefix_mask(lengths, self.capacity, state.pinned if self.pinning else None)
+            if self.pinning:
+                plan.pinned_rotation = self._pinned_rotation(q_pos, pinned, head_dim)
+            return plan
         separately = T > self.capacity - self.context + 1
         if not separately:  # writing first only overwrites keys older than every query's window
             k_pos = self._ring_positions(start + T, pinned)
@@ -313,11 +346,29 @@ class Transformer(StreamingModule):
         plan = AttentionPlan(mask, rotation, write_index, write_from, separately)
         if self.pinning:
             assert is_pinned is not None and self.capacity == self.context, "pinning needs a one-step ring (the LM's)"
-            # Once the window is full the query stands at context - 1 for the pinned keys.
-            rel = torch.where(pinned > 0, q_pos.clamp(max=self.context - 1), q_pos)
-            plan.pinned_rotation = rope_rotation(rel, head_dim, self.max_period)[:, :, 0]  # [B, T, 1, D/2, 2]
+            plan.pinned_rotation = self._pinned_rotation(q_pos, pinned, head_dim)
             plan.pinned_keys = is_pinned[:, None, None]  # [B, 1, 1, S]
         return plan
+
+    def _attends_prefix(self, x: torch.Tensor) -> bool:
+        return x.shape[1] == 1 and self.attends_prefix(x.device)
+
+    def attends_prefix(self, device: torch.device) -> bool:
+        """Whether one-step streaming calls read only the filled ring entries (`prefix_attention`):
+        in the LM's ring, compiled (unless `prefix_attention` says otherwise), except pinned
+        slots compiled on a CPU (Inductor's CPU flex kernel gives no log-sum-exp to merge the
+        two queries)."""
+        compiled = self._compiled_step is not None
+        wanted = compiled if self.prefix_attention is None else self.prefix_attention
+        if not wanted or self.capacity != self.context:
+            return False
+        return not (self.pinning and compiled and device.type == "cpu")
+
+    def _pinned_rotation(self, q_pos: torch.Tensor, pinned: torch.Tensor, head_dim: int) -> torch.Tensor:
+        """The query's RoPE for the pinned keys [B, T, 1, D/2, 2]: once the window is full the
+        query stands at context - 1 for them."""
+        rel = torch.where(pinned > 0, q_pos.clamp(max=self.context - 1), q_pos)
+        return rope_rotation(rel, head_dim, self.max_period)[:, :, 0]
 
     def _entry(self, pos: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
         """The ring entry of each step position [B, T]: the first `pinned` ([B, 1]) steps keep

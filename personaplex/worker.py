@@ -5,7 +5,8 @@ Implements:
     session and runs one batched `Engine.step` over the smallest slot range that holds them,
     then hands each session its answer. Between ticks it runs jobs (a session's system prompt,
     a custom voice's encoding) in pieces, as many as fit before the next tick, and moves a
-    conversation to a lower slot when that shrinks every tick's bucket. It runs no app code: a
+    conversation to a lower slot when that shrinks every tick's bucket, and parks the free
+    slots of the bucket (`Engine.park`: their attention stays empty). It runs no app code: a
     session's consumers build text and recordings on their own threads (`personaplex.session`);
   * `Busy`: every slot is taken.
 
@@ -91,6 +92,7 @@ class EngineWorker:
         self._cond = threading.Condition()
         self._jobs: collections.deque[_Job] = collections.deque()
         self._sessions: dict[int, Session] = {}  # slot -> session
+        self._parked: set[int] = set()  # free slots whose attention window stays empty (`Engine.park`)
         self._due = -float("inf")  # no tick before this grid point (the one after the last tick)
         self._pieces_since_tick = 0
         self._last_tick = -float("inf")
@@ -188,6 +190,7 @@ class EngineWorker:
                 else:
                     self._tick(plan.live)
                     self._compact()
+                    self._park_free()
 
     def _next_work(self) -> _Plan:
         """Block until there is a tick or a piece of a job to run."""
@@ -269,6 +272,16 @@ class EngineWorker:
                 return
             self.grid = TickGrid(epoch=self.grid.epoch - earlier, period_s=self.grid.period_s)
             self._due = self.grid.after(self._last_tick) if self._last_tick > -float("inf") else self._due
+
+    def _park_free(self) -> None:
+        """Free slots still step in the bucket: park them, so that their attention windows stay
+        empty instead of filling with silence (a bound slot is reset or replaced by its start)."""
+        with self._cond:
+            self._parked -= self._sessions.keys()
+            for slot in range(self.engine.num_slots):
+                if slot not in self._sessions and slot not in self._parked:
+                    self.engine.park(slot)
+                    self._parked.add(slot)
 
     def _compact(self) -> None:
         """Move the live conversation in the highest slot to the lowest free one when that

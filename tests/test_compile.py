@@ -11,6 +11,7 @@ import torch
 
 from benchmarks.ops import count_tick, kernel_profile
 from personaplex import generate
+from personaplex import transformer as transformer_module
 from personaplex.config import FRAME_SIZE
 from personaplex.engine import Engine
 from personaplex.sampling import SamplingParams
@@ -69,5 +70,22 @@ def test_a_failed_compile_leaves_an_eager_engine_that_says_why(models, monkeypat
     monkeypatch.setattr(generate.torch, "compile", broken)
     engine = Engine(models, num_slots=1, compile=True)
     assert not engine.compiled and "no C++ compiler" in (engine.compile_failed or "")
+    assert "no C++ compiler" in (engine.prefix_attention_failed or "")  # tried again without flex attention first
     engine.start(0, engine.prompt(engine.voice("TESTV0"), ROLE), SamplingParams(greedy=True))
     assert engine.step(torch.zeros(1, FRAME_SIZE)).tokens.shape[0] == 1
+
+
+def test_a_failing_flex_kernel_leaves_a_compiled_engine_with_masked_attention(models, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no flex kernel for this device")
+
+    monkeypatch.setattr(transformer_module, "prefix_attention", broken)
+    engine = Engine(models, num_slots=1, compile=True)
+    try:
+        assert engine.compiled and engine.compile_failed is None
+        assert "no flex kernel" in (engine.prefix_attention_failed or "")
+        assert models.lm.transformer.prefix_attention is False
+        engine.start(0, engine.prompt(engine.voice("TESTV0"), ROLE), SamplingParams(greedy=True))
+        assert engine.step(torch.zeros(1, FRAME_SIZE)).tokens.shape[0] == 1
+    finally:
+        engine.compile_steps(False)

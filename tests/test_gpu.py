@@ -76,3 +76,45 @@ def test_7b_heads_in_bf16_graphed_equal_eager_in_any_bucket_order(compile):
     for (pcm_a, text_a), (pcm_b, text_b) in zip(run(False), run(True), strict=True):
         assert np.array_equal(text_a, text_b)
         np.testing.assert_allclose(pcm_a, pcm_b, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("pinned", [False, True], ids=["plain", "pinned"])
+@torch.inference_mode()
+def test_the_prefix_route_compiled_and_graphed_equals_masked_attention_with_7b_heads(pinned):
+    """`prefix_attention` compiled (Triton's flex decoding, with the log-sum-exp merge when
+    pinned) inside a CUDA graph, replayed as the slots' rings fill, equals the masked path of
+    the same bf16 inputs (to bf16 rounding): 32 heads of 128 over a 3,000-entry ring."""
+    from personaplex.prefix_attention import prefix_attention, prefix_mask
+    from personaplex.transformer import pinned_attention
+
+    B, H, C, D = 8, 32, 3000, 128
+    g = torch.Generator(device="cuda").manual_seed(0)
+    q, q_pinned, keys, values = (torch.randn(*shape, generator=g, device="cuda", dtype=torch.bfloat16)
+                                 for shape in [(B, H, 1, D)] * 2 + [(B, H, C, D)] * 2)
+    lengths = torch.ones(B, dtype=torch.long, device="cuda")
+    prompt = torch.tensor([0, 1, 60, 127, 128, 129, 500, 0], device="cuda") if pinned else None
+    attend = torch.compile(prefix_attention, fullgraph=True, dynamic=False)
+
+    def tick() -> torch.Tensor:
+        ours = torch.minimum(prompt, lengths) if prompt is not None else None
+        return attend(q, q_pinned if pinned else None, keys, values, prefix_mask(lengths, C, ours))
+
+    tick()  # compiles
+    graph, stream = torch.cuda.CUDAGraph(), torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        tick()
+        with torch.cuda.graph(graph):
+            out = tick()
+    torch.cuda.current_stream().wait_stream(stream)
+    entries = torch.arange(C, device="cuda")[None]
+    for filled in ([1] * B, [1, 2, 127, 128, 129, 1000, 2999, 3000], [3000] * B):
+        lengths.copy_(torch.tensor(filled))
+        graph.replay()
+        mask = (entries < lengths[:, None])[:, None, None]
+        if pinned:
+            is_pinned = (entries < torch.minimum(prompt, lengths)[:, None])[:, None, None]
+            expected = pinned_attention(q.float(), q_pinned.float(), keys.float(), values.float(), mask, is_pinned)
+        else:
+            expected = torch.nn.functional.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask)
+        torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

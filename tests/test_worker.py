@@ -274,3 +274,19 @@ def test_the_ticks_move_to_a_call_that_is_alone_and_stay_for_the_next(worker):
     worker._fit_grid(first, 0.03)  # alone: its frames waited 30 ms, now lead and margin
     assert worker.grid.epoch == pytest.approx(epoch - (0.03 - ALIGN_LEAD_S - GRID_FIT_MARGIN_S))
     first.end("stopped", "bye")
+
+
+def test_a_free_slot_in_the_bucket_is_parked_its_attention_window_left_empty(models):
+    worker = EngineWorker(Engine(models, num_slots=4))
+    try:
+        sessions = [open_session(worker, limits=OFFLINE) for _ in range(3)]  # slots 0..2: every tick steps 4
+        for session in sessions:
+            wait_live(session)
+            session.push(torch.cat(user_audio(5, seed=1)).numpy(), final=True)
+        for session in sessions:
+            assert all(session.next(10.0) is not None for _ in range(5))
+        state = worker.engine.models.lm.transformer.state
+        offsets = worker.call(lambda: state.offset.tolist()).result(10)
+        assert offsets[3] == 0 and min(offsets[:3]) > 5  # prompt and frames in; the free slot holds nothing
+    finally:
+        worker.stop()

@@ -1,0 +1,134 @@
+"""Attention over each slot's filled ring entries (`prefix_attention`, the compiled tick's route)
+equals the masked attention it replaces: the function itself at lengths on either side of a
+block edge, pinned or not, eager (flex's reference implementation) and compiled (Inductor's CPU
+kernel); and the LM stepped through a ring wrap with slots of different ages, on either route."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from personaplex.prefix_attention import BLOCK, prefix_attention, prefix_mask
+from personaplex.streaming import reset_slots, streaming
+from personaplex.transformer import pinned_attention
+
+from .test_invariants import random_tokens, small_context_lm
+
+CAPACITY = 2 * BLOCK + 44  # three blocks, the last one short
+LENGTHS = [1, BLOCK - 1, BLOCK, BLOCK + 1, CAPACITY]
+PINNED = [1, 0, 7, BLOCK, 40]
+
+
+def inputs(seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    B, H, D = len(LENGTHS), 2, 16
+    q, q_pinned = (torch.randn(B, H, 1, D, generator=g) for _ in range(2))
+    keys, values = (torch.randn(B, H, CAPACITY, D, generator=g) for _ in range(2))
+    return q, q_pinned, keys, values
+
+
+def masked(q, q_pinned, keys, values, lengths, pinned=None):
+    entries = torch.arange(CAPACITY)[None]
+    mask = (entries < lengths[:, None])[:, None, None]  # [B, 1, 1, S]
+    if pinned is None:
+        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+    return pinned_attention(q, q_pinned, keys, values, mask, (entries < pinned[:, None])[:, None, None])
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_prefix_route_equals_masked_attention():
+    q, _, keys, values = inputs()
+    lengths = torch.tensor(LENGTHS)
+    out = prefix_attention(q, None, keys, values, prefix_mask(lengths, CAPACITY))
+    torch.testing.assert_close(out, masked(q, None, keys, values, lengths), atol=1e-5, rtol=0)
+
+
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+def test_the_pinned_prefix_route_merges_its_two_queries_into_the_masked_softmax():
+    q, q_pinned, keys, values = inputs(1)
+    lengths, pinned = torch.tensor(LENGTHS), torch.tensor(PINNED)
+    pinned[1] = 0  # a slot that pins nothing: its pinned row sees no key
+    pinned = torch.minimum(pinned, lengths)  # a slot still taking its prompt sees only pinned keys
+    out = prefix_attention(q, q_pinned, keys, values, prefix_mask(lengths, CAPACITY, pinned))
+    torch.testing.assert_close(out, masked(q, q_pinned, keys, values, lengths, pinned), atol=1e-5, rtol=0)
+
+
+def test_compiled_the_prefix_route_equals_masked_attention_at_every_length():
+    q, _, keys, values = inputs(2)
+    run = torch.compile(lambda q, k, v, m: prefix_attention(q, None, k, v, m), fullgraph=True, dynamic=False)
+    for shift in (0, 50, 200):  # one graph for every length
+        lengths = (torch.tensor(LENGTHS) + shift).clamp(max=CAPACITY)
+        out = run(q, keys, values, prefix_mask(lengths, CAPACITY))
+        torch.testing.assert_close(out, masked(q, None, keys, values, lengths), atol=1e-5, rtol=0)
+
+
+def stream(lm, tokens: torch.Tensor, pinned: list[int], restart: int) -> torch.Tensor:
+    """Step tokens [B, 17, T] one at a time; slot b pins its first pinned[b] steps; slot 1
+    starts over at step `restart`, so the slots' rings are of different ages."""
+    B, _, T = tokens.shape
+    with streaming(lm, B):
+        state = lm.transformer.state
+        out = []
+        for t in range(T):
+            if t == restart:
+                reset_slots(lm, torch.arange(B) == 1)
+            for b, p in enumerate(pinned):
+                if state.offset[b] == p:
+                    state.pinned[b] = p
+            out.append(lm.forward_embeddings(lm.embed(tokens[..., t : t + 1])))
+        return torch.cat(out, dim=1)
+
+
+@pytest.mark.parametrize("pinning", [False, True])
+@pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
+@torch.inference_mode()
+def test_the_lm_stepped_on_the_prefix_route_equals_the_masked_route(pinning):
+    context = BLOCK + 20  # wraps, and crosses a block edge, within the steps
+    lm = small_context_lm(context)
+    lm.transformer.pinning = pinning
+    tokens = torch.cat([random_tokens(lm.cfg, context + 40, seed=s) for s in (5, 6, 7)])
+    pinned = [9, 3, 0] if pinning else [0, 0, 0]
+    plain = stream(lm, tokens, pinned, restart=60)
+    lm.transformer.prefix_attention = True  # eagerly too: flex attention's reference implementation
+    prefix = stream(lm, tokens, pinned, restart=60)
+    torch.testing.assert_close(prefix, plain, atol=1e-5, rtol=0)
+
+
+def test_the_route_is_the_compiled_lms_and_not_mimis_nor_pinned_slots_compiled_on_a_cpu(models):
+    """Mimi's ring holds two encoder steps a call (`capacity > context`): not a prefix."""
+    cpu = torch.device("cpu")
+    lm, mimi = models.lm.transformer, models.mimi.encoder_transformer.transformer
+    before = lm.pinning, lm.prefix_attention  # as the last engine made on these models left them
+    lm.pinning, lm.prefix_attention = False, None
+    assert not lm.attends_prefix(cpu)  # eager: the masked path is faster
+    try:
+        for stack in (lm, mimi):
+            stack.compile_steps(True)
+        assert lm.attends_prefix(cpu) and lm.attends_prefix(torch.device("cuda")) and not mimi.attends_prefix(cpu)
+        lm.pinning = True
+        assert not lm.attends_prefix(cpu) and lm.attends_prefix(torch.device("cuda"))
+        lm.prefix_attention = False
+        assert not lm.attends_prefix(torch.device("cuda"))
+    finally:
+        lm.pinning, lm.prefix_attention = before
+        for stack in (lm, mimi):
+            stack.compile_steps(False)
+
+
+@torch.inference_mode()
+def test_the_compiled_lm_steps_on_the_prefix_route_with_one_graph_and_equals_the_masked_route():
+    context = BLOCK + 20
+    lm = small_context_lm(context)
+    tokens = torch.cat([random_tokens(lm.cfg, context + 40, seed=s) for s in (8, 9)])
+    plain = stream(lm, tokens, [0, 0], restart=60)
+    lm.transformer.compile_steps(True)
+    try:
+        assert lm.transformer.attends_prefix(torch.device("cpu"))
+        with streaming(lm, 2):
+            lm.forward_embeddings(lm.embed(tokens[..., :1]))  # compiles
+        with torch._dynamo.config.patch(error_on_recompile=True):
+            compiled = stream(lm, tokens, [0, 0], restart=60)
+    finally:
+        lm.transformer.compile_steps(False)
+    torch.testing.assert_close(compiled, plain, atol=1e-5, rtol=0)
