@@ -3,7 +3,8 @@
 # compiling every bucket included): the device and versions, the GPU tests, the engine benchmark
 # on the 7B preset in bf16 (random weights, compiled) at 1 to 64 sessions (as many as the card
 # holds) with CUDA graphs and without, every ring full, memory, a profile of one tick; the same
-# uncompiled at 1, 8 and 64 sessions; and the kernel count. Writes benchmarks/out/gpu-*.json
+# uncompiled at 1, 8 and 64 sessions; one layer's attention over what each slot holds against
+# masked; and the kernel count. Writes benchmarks/out/gpu-*.json
 # (the benchmarks) and gpu-*.log (everything). Run it from a clone after ./run_tests.sh (or
 # with PYTHON pointing at an interpreter that has requirements-dev.txt).
 set -euo pipefail
@@ -27,6 +28,13 @@ echo "== benchmark: the same without torch.compile (graphs on), for its gain"
 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,64 --ticks 300 --no-compile --json > "${json%.json}-no-compile.json" \
     || status=$?
 "$PY" -c "import json, sys; from benchmarks.step import render; print(render(json.load(open(sys.argv[1]))))" "${json%.json}-no-compile.json" || true
+echo "== one layer's attention, 7B heads: over what each slot holds (flex) against masked, plain and pinned"
+for kind in plain pinned; do
+    f="${json%.json}-attention-$kind.json"
+    "$PY" -m benchmarks.attention --device cuda --sessions 1,8,64 --reps 200 $([ $kind = pinned ] && echo --pinned) --json > "$f" \
+        || status=$?
+    "$PY" -c "import json, sys; from benchmarks.attention import render; print(render(json.load(open(sys.argv[1]))))" "$f" || true
+done
 echo "== kernels per tick (counted on the CPU)"; "$PY" -m benchmarks.step --count-ops --sessions 1,8 || status=1
 echo "wrote $json and $log (exit $status)"
 exit "$status"

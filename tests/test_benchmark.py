@@ -22,3 +22,12 @@ def test_the_op_count_of_a_tick_runs_on_cpu_and_the_tick_never_reads_the_device(
     assert row["path"] == "eager"
     assert row["host_syncs"] == 0  # no .item() / .cpu() inside a tick: it could not be a CUDA graph
     assert row["ops"] == sum(row["by_part"].values()) and {"temporal transformer", "depformer", "sampling"} <= set(row["by_part"])
+
+
+def test_the_attention_benchmark_times_both_routes_on_cpu(capsys):
+    from benchmarks.attention import main as attention
+
+    attention(["--sessions", "1", "--fills", "0.03,1", "--reps", "2", "--json"])
+    result = json.loads(capsys.readouterr().out)
+    assert [r["filled"] for r in result["rows"]] == [90, 3000]
+    assert all(r["masked_ms"] > 0 and r["prefix_ms"] > 0 for r in result["rows"])
