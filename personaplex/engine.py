@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Generator, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -121,6 +122,7 @@ class Engine:
         # States of work in pieces, one slot's worth each, made here (a 7B's KV cache is 1.5 GB:
         # not an allocation to make in the middle of live calls). Work of a kind runs one at a time.
         self._own: dict[str, SwappedStates] = {"prefill": fresh_states(self.gen, 1), "voice": fresh_states(models.mimi, 1)}
+        self._parked: set[int] = set()  # slots whose attention window stays empty until their start (`park`)
         self.compile_failed: str | None = None  # why the step runs eagerly although compiling was asked for
         self.prefix_attention_failed: str | None = None  # why compiled attention reads every ring entry
         self._compile(compile_enabled(self.device) if compile is None else compile)
@@ -173,8 +175,7 @@ class Engine:
             logger.warning("running the engine step eagerly")
             self.compile_failed = failure
             self.compile_steps(False)
-        reset_slots(self.models.mimi, None)  # the warm-up stepped every slot: start them afresh
-        reset_slots(self.gen, None)
+        self._reset_all()  # the warm-up stepped every slot: start them afresh
 
     def _warm_buckets(self) -> str | None:
         """Step every bucket once (compiling what is compiled for it); what failed, if anything."""
@@ -195,8 +196,7 @@ class Engine:
             logger.exception("capturing the engine step in CUDA graphs failed; running without them")
             self.graphs_failed = f"{type(exc).__name__}: {exc}"
             graphs = None
-        reset_slots(self.models.mimi, None)  # capture stepped every slot: start them afresh
-        reset_slots(self.gen, None)
+        self._reset_all()  # capture stepped every slot: start them afresh
         return graphs
 
     # --- personas -----------------------------------------------------------------------
@@ -250,6 +250,7 @@ class Engine:
         reference does); the other slots are not touched. With `keep_persona` (an engine made
         with `pinning=True`) the prompt stays in the slot's attention window for the whole call."""
         self._check_slot(slot)
+        self._parked.discard(slot)
         if prefill or isinstance(prompt, PromptPlan):
             plan = prompt if isinstance(prompt, PromptPlan) else self.plan(prompt)
             _finish(self.start_pieces(slot, plan, sampling, frames=plan.inputs.shape[1], keep_persona=keep_persona))
@@ -283,6 +284,7 @@ class Engine:
             yield
         with installed(own):
             self._pin(keep_persona)
+        self._parked.discard(slot)
         reset_slots(self.models.mimi, slot_mask(self.num_slots, slot, self.device))
         copy_states(slot_states(self.gen, slice(slot, slot + 1)), own)
 
@@ -299,17 +301,40 @@ class Engine:
     @torch.inference_mode()
     def park(self, slot: int) -> None:
         """`slot` holds no conversation (until its next `start`) but may still step in a bucket:
-        its LM attention window stays empty instead of filling with silence."""
+        its LM attention window stays empty instead of filling with silence. Cheap to repeat."""
         self._check_slot(slot)
+        if slot in self._parked:
+            return
         state = self.models.lm.transformer.state
         assert isinstance(state, OffsetState)
         state.park(slot_mask(self.num_slots, slot, self.device))
+        self._parked.add(slot)
+
+    @contextmanager
+    def full_windows(self) -> Iterator[None]:
+        """Within the block every slot's attention window is full, as after four minutes of
+        talk: the worst case of a tick's attention, for a warm-up to measure. Afterwards every
+        slot starts afresh."""
+        state = self.models.lm.transformer.state
+        assert isinstance(state, OffsetState)
+        state.advance.fill_(1)
+        state.offset.fill_(self.models.lm.transformer.context)
+        try:
+            yield
+        finally:
+            self._reset_all()
+
+    def _reset_all(self) -> None:
+        reset_slots(self.models.mimi, None)
+        reset_slots(self.gen, None)
+        self._parked.clear()
 
     @torch.inference_mode()
     def move(self, src: int, dst: int) -> None:
         """The conversation of slot `src` continues in slot `dst` (every Mimi and LM state)."""
         self._check_slot(src)
         self._check_slot(dst)
+        self._parked.discard(dst)
         copy_states(self._slot_range(dst, dst + 1), self._slot_range(src, src + 1))
 
     def _check_slot(self, slot: int) -> None:

@@ -92,7 +92,6 @@ class EngineWorker:
         self._cond = threading.Condition()
         self._jobs: collections.deque[_Job] = collections.deque()
         self._sessions: dict[int, Session] = {}  # slot -> session
-        self._parked: set[int] = set()  # free slots whose attention window stays empty (`Engine.park`)
         self._due = -float("inf")  # no tick before this grid point (the one after the last tick)
         self._pieces_since_tick = 0
         self._last_tick = -float("inf")
@@ -274,14 +273,12 @@ class EngineWorker:
             self._due = self.grid.after(self._last_tick) if self._last_tick > -float("inf") else self._due
 
     def _park_free(self) -> None:
-        """Free slots still step in the bucket: park them, so that their attention windows stay
-        empty instead of filling with silence (a bound slot is reset or replaced by its start)."""
+        """Free slots still step in the bucket: park them (`Engine.park`), so that their
+        attention windows stay empty instead of filling with silence."""
         with self._cond:
-            self._parked -= self._sessions.keys()
             for slot in range(self.engine.num_slots):
-                if slot not in self._sessions and slot not in self._parked:
+                if slot not in self._sessions:
                     self.engine.park(slot)
-                    self._parked.add(slot)
 
     def _compact(self) -> None:
         """Move the live conversation in the highest slot to the lowest free one when that

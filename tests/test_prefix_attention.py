@@ -1,7 +1,8 @@
 """Attention over each slot's filled ring entries (`prefix_attention`, the compiled tick's route)
 equals the masked attention it replaces: the function itself at lengths on either side of a
 block edge, pinned or not, eager (flex's reference implementation) and compiled (Inductor's CPU
-kernel); and the LM stepped through a ring wrap with slots of different ages, on either route."""
+kernel); the LM stepped through a ring wrap with slots of different ages, on either route; and
+a free slot parked, so that its window stays empty."""
 
 from __future__ import annotations
 
@@ -9,7 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from personaplex.config import FRAME_SIZE
+from personaplex.engine import Engine
 from personaplex.prefix_attention import BLOCK, prefix_attention, prefix_mask
+from personaplex.sampling import SamplingParams
 from personaplex.streaming import reset_slots, streaming
 from personaplex.transformer import pinned_attention
 
@@ -132,3 +136,23 @@ def test_the_compiled_lm_steps_on_the_prefix_route_with_one_graph_and_equals_the
     finally:
         lm.transformer.compile_steps(False)
     torch.testing.assert_close(compiled, plain, atol=1e-5, rtol=0)
+
+
+@torch.inference_mode()
+def test_a_parked_slot_stays_empty_until_its_start_and_full_windows_are_the_worst_case(models):
+    engine = Engine(models, num_slots=2)
+    state = models.lm.transformer.state
+    engine.park(1)
+    for _ in range(3):
+        engine.step(torch.zeros(2, FRAME_SIZE))
+    assert state.offset.tolist() == [3, 0]  # the free slot stepped, its window did not fill
+    engine.start(1, engine.prompt(engine.voice("TESTV0"), "hi"), SamplingParams(greedy=True))
+    started = int(state.offset[1])
+    engine.park(0)
+    engine.park(0)  # again: nothing more
+    engine.step(torch.zeros(2, FRAME_SIZE))
+    assert state.offset.tolist() == [0, started + 1]
+    with engine.full_windows():
+        assert state.offset.tolist() == [models.lm.transformer.context] * 2
+        engine.step(torch.zeros(2, FRAME_SIZE))
+    assert state.offset.tolist() == [0, 0] and state.advance.tolist() == [1, 1]  # every slot afresh
