@@ -130,11 +130,20 @@ def tick_row(engine: Engine, n: int, args: argparse.Namespace, naive: list[float
         "sessions": n, "bucket": engine.bucket_for(n), "median_ms": round(median, 2),
         "p99_ms": round(percentile(batched, 0.99), 2), "max_ms": round(max(batched), 2), "ticks": len(batched),
         "rtf": round(median / 80, 3), "frames_per_s": round(n * 1000 / median, 1),
+        "window_mean": attended(engine, engine.bucket_for(n)),
     }
     if naive is not None:
         row["naive_median_ms"] = round(statistics.median(naive), 2)
         row["speedup_vs_naive"] = round(statistics.median(naive) / median, 2)
     return row
+
+
+def attended(engine: Engine, bucket: int) -> int:
+    """Mean number of steps in the attention windows of slots 0..bucket-1 (at most the context):
+    what a tick on the prefix route reads, which grows as the rows run."""
+    transformer = engine.models.lm.transformer
+    offsets = transformer.state.offset[:bucket]  # type: ignore[union-attr]
+    return round(float((offsets + 1).clamp(max=transformer.context).float().mean()))
 
 
 def profile_tick(engine: Engine, n: int) -> dict:
@@ -233,12 +242,12 @@ def render(result: dict) -> str:
         f"CUDA graphs: {result['cuda_graphs']}, compiled: {result['compiled']} (engine ready in {result['engine_start_s']} s), "
         f"attention over what each slot holds: {result['prefix_attention']}, "
         f"{result['ticks']} ticks per row; naive: {result['naive']}",
-        "sessions  bucket  median ms  p99 ms  max ms    RTF  frames/s  naive ms  speed-up",
+        "sessions  bucket  median ms  p99 ms  max ms    RTF  frames/s  naive ms  speed-up  window",
     ]
     for r in result["rows"]:
         lines.append(
             f"{r['sessions']:>8}  {r['bucket']:>6}  {r['median_ms']:>9}  {r['p99_ms']:>6}  {r['max_ms']:>6}  {r['rtf']:>5}  "
-            f"{r['frames_per_s']:>8}  {r['naive_median_ms']:>8}  {r['speedup_vs_naive']:>7}x"
+            f"{r['frames_per_s']:>8}  {r['naive_median_ms']:>8}  {r['speedup_vs_naive']:>7}x  {r['window_mean']:>6}"
         )
     f = result["full_rings"]
     lines.append(f"every ring full, {f['sessions']} sessions: median {f['median_ms']} ms, p99 {f['p99_ms']} ms, max {f['max_ms']} ms")
