@@ -21,6 +21,10 @@ sliding keys, whose distances are unchanged), so the window always looks as it d
 first filled. Only the query is rotated twice; the cache is never rotated again. Until the
 window is full this is exactly the plain ring.
 
+Attention over what each slot holds (`prefix_attention.py`): in the LM's ring a one-step
+query sees exactly the first `min(offset + 1, context)` entries, so compiled one-step calls read
+only those, through flex attention over per-slot lengths; other calls use the boolean mask.
+
 The ring holds `context + chunk - 1` entries, `chunk` being the largest number of steps one
 streaming call adds (Mimi: 2 encoder steps per frame, LM: 1). Such calls write first and then
 attend over the ring. A longer call (a prefill, a whole voice prompt) attends over the old
