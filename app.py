@@ -558,6 +558,10 @@ def status_markdown(service: Service) -> str:
         if service.compile_failed:
             text += f"; running uncompiled, slower than it should (torch.compile failed: {html.escape(service.compile_failed)})"
             kind = "busy"
+        elif service.prefix_attention_failed:
+            text += ("; attention reads every slot's whole window, slower than it should (the flex kernel failed: "
+                     f"{html.escape(service.prefix_attention_failed)})")
+            kind = "busy"
         if figures.tick_ms > 80:
             text += f", {figures.tick_ms / 80:.1f}x slower than real time: live audio will stutter (use a GPU, or the offline tab)"
             kind = "failed"

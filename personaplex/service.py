@@ -246,7 +246,7 @@ class Service:
         if self.engine.compile_failed:
             what += f" uncompiled (torch.compile failed: {self.engine.compile_failed})"
         elif self.engine.prefix_attention_failed:
-            what += f" with attention over every ring entry (the flex kernel failed: {self.engine.prefix_attention_failed})"
+            what += f" with attention over every slot's whole window (the flex kernel failed: {self.engine.prefix_attention_failed})"
         if frame_ms > 80:
             what += (
                 f". That is {frame_ms / 80:.1f}x slower than real time: live audio will stutter. "
@@ -333,6 +333,11 @@ class Service:
     def compile_failed(self) -> str | None:
         """Why the engine runs uncompiled although it should be compiled (None: it is, or should not be)."""
         return self.engine.compile_failed if self.engine is not None else None
+
+    @property
+    def prefix_attention_failed(self) -> str | None:
+        """Why the compiled engine's attention reads every ring entry instead of what each slot holds."""
+        return self.engine.prefix_attention_failed if self.engine is not None else None
 
     def figures(self) -> EngineFigures | None:
         """The engine now (None before it is loaded)."""

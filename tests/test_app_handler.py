@@ -367,6 +367,10 @@ def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
     monkeypatch.setattr(service.engine, "compile_failed", "BackendCompilerFailed: no C++ compiler")
     text = app.status_markdown(service)
     assert "running uncompiled" in text and "no C++ compiler" in text and "dot busy" in text
+    monkeypatch.setattr(service.engine, "compile_failed", None)
+    monkeypatch.setattr(service.engine, "prefix_attention_failed", "InductorError: <no flex kernel>")
+    text = app.status_markdown(service)
+    assert "whole window" in text and "&lt;no flex kernel&gt;" in text and "dot busy" in text
 
 
 def test_live_captions_are_escaped_and_show_the_end_of_a_long_turn():
