@@ -7,10 +7,18 @@
 # masked; and the kernel count. Writes benchmarks/out/gpu-*.json
 # (the benchmarks) and gpu-*.log (everything). Run it from a clone after ./run_tests.sh (or
 # with PYTHON pointing at an interpreter that has requirements-dev.txt).
+#
+# benchmarks/gpu.sh --quick: the first figures within one 10-minute command, for a short lease:
+# the CUDA-graph and prefix-attention GPU tests, the 7B at 1, 8 and 64 sessions uncompiled
+# (graphs on and off, every ring full, memory) and one layer's attention both ways, each step
+# under its own time limit (8 minutes in all). Compiled figures then come from a second command:
+#   python -m benchmarks.step --device cuda --preset 7b --sessions 1,8 --ticks 300
+# GPU_OUT names the folder for the JSON and the log (default benchmarks/out). On a machine with
+# no package index, see benchmarks/device_wheels.sh.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-out=benchmarks/out
+out=${GPU_OUT:-benchmarks/out}
 mkdir -p "$out"
 stamp=$(date -u +%Y%m%d-%H%M%S)
 log="$out/gpu-$stamp.log"
@@ -18,7 +26,23 @@ json="$out/gpu-$stamp.json"
 status=0
 exec > >(tee "$log") 2>&1  # everything below goes to the screen and to the log
 echo "== device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
-"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())"
+"$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || true
+if [ "${1:-}" = --quick ]; then
+    bench() { "$PY" -c "import json, sys; from benchmarks.$1 import render; print(render(json.load(open(sys.argv[1]))))" "$2" || true; }
+    echo "== GPU tests: graphs replay eager, the prefix route in a graph"
+    timeout 150 "$PY" -m pytest -q tests/test_gpu.py -k "prefix_route or not compiled" || status=1
+    echo "== benchmark: 7B, bf16, uncompiled, CUDA graphs then without; every ring full; memory"
+    timeout 240 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,64 --ticks 200 --no-compile --eager-too \
+        --json > "${json%.json}-no-compile.json" || status=$?
+    bench step "${json%.json}-no-compile.json"
+    echo "== one layer's attention, 7B heads, plain and pinned"
+    timeout 50 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 --json > "${json%.json}-attention-plain.json" || status=$?
+    bench attention "${json%.json}-attention-plain.json"
+    timeout 50 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 --pinned --json > "${json%.json}-attention-pinned.json" || status=$?
+    bench attention "${json%.json}-attention-pinned.json"
+    echo "wrote $out/gpu-$stamp* (exit $status)"
+    exit "$status"
+fi
 echo "== GPU tests"; "$PY" -m pytest -q tests/test_gpu.py || status=1
 echo "== benchmark: 7B, bf16, CUDA graphs, then without; every ring full; memory; profile"
 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,16,32,64 --ticks 1000 --eager-too --profile --json > "$json" \
