@@ -98,7 +98,7 @@ def rope_rotation(positions: torch.Tensor, head_dim: int, max_period: float) -> 
     ds = torch.arange(head_dim // 2, device=positions.device, dtype=torch.float32)
     freqs = torch.exp(ds * (-math.log(max_period) * 2 / head_dim))
     angles = freqs * positions.float()[:, :, None, None, None]  # [B, T, 1, 1, D/2]
-    return torch.view_as_real(torch.polar(torch.ones_like(angles), angles))
+    return torch.stack([angles.cos(), angles.sin()], dim=-1)  # no complex op: compiled plans stay real
 
 
 def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
