@@ -552,15 +552,8 @@ def status_markdown(service: Service) -> str:
         else:
             text = (f"**Ready** on {service.device.type} for {figures.slots} conversations at once; an 80 ms frame of "
                     f"all of them took {figures.tick_ms:.0f} ms at start-up")
-        if service.graphs_failed:
-            text += f"; running without CUDA graphs, slower than it should (their capture failed: {html.escape(service.graphs_failed)})"
-            kind = "busy"
-        if service.compile_failed:
-            text += f"; running uncompiled, slower than it should (torch.compile failed: {html.escape(service.compile_failed)})"
-            kind = "busy"
-        elif service.prefix_attention_failed:
-            text += ("; attention reads every slot's whole window, slower than it should (the flex kernel failed: "
-                     f"{html.escape(service.prefix_attention_failed)})")
+        for shortfall in service.shortfalls:  # said, not only logged
+            text += f"; running {html.escape(shortfall)}, slower than it should"
             kind = "busy"
         if figures.tick_ms > 80:
             text += f", {figures.tick_ms / 80:.1f}x slower than real time: live audio will stutter (use a GPU, or the offline tab)"

@@ -141,6 +141,19 @@ class Engine:
         return self.gen.compiled
 
     @property
+    def shortfalls(self) -> list[str]:
+        """What runs slower than it should, and why (for the status line): "without CUDA graphs
+        (...)", "uncompiled (...)", "with attention over every slot's whole window (...)"."""
+        found = []
+        if self.graphs_failed:
+            found.append(f"without CUDA graphs (their capture failed: {self.graphs_failed})")
+        if self.compile_failed:
+            found.append(f"uncompiled (torch.compile failed: {self.compile_failed})")
+        elif self.prefix_attention_failed:
+            found.append(f"with attention over every slot's whole window (the flex kernel failed: {self.prefix_attention_failed})")
+        return found
+
+    @property
     def prefix_attention(self) -> bool:
         """Whether the tick's attention reads only what each slot holds (`prefix_attention`)."""
         return self.models.lm.transformer.attends_prefix(self.device)

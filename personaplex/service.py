@@ -241,12 +241,8 @@ class Service:
     def _ready_message(self, slots: int, frame_ms: float) -> str:
         what = f"ready on {self.device} with {slots} conversation slot{'s' * (slots > 1)}; one frame of all slots takes {frame_ms:.0f} ms"
         assert self.engine is not None
-        if self.engine.graphs_failed:  # loud: the engine works, but slower than it should
-            what += f" without CUDA graphs (their capture failed: {self.engine.graphs_failed})"
-        if self.engine.compile_failed:
-            what += f" uncompiled (torch.compile failed: {self.engine.compile_failed})"
-        elif self.engine.prefix_attention_failed:
-            what += f" with attention over every slot's whole window (the flex kernel failed: {self.engine.prefix_attention_failed})"
+        for shortfall in self.engine.shortfalls:  # loud: the engine works, but slower than it should
+            what += f" {shortfall}"
         if frame_ms > 80:
             what += (
                 f". That is {frame_ms / 80:.1f}x slower than real time: live audio will stutter. "
@@ -325,19 +321,9 @@ class Service:
         return path
 
     @property
-    def graphs_failed(self) -> str | None:
-        """Why the engine runs without the CUDA graphs it should have (None: it has them, or is not on CUDA)."""
-        return self.engine.graphs_failed if self.engine is not None else None
-
-    @property
-    def compile_failed(self) -> str | None:
-        """Why the engine runs uncompiled although it should be compiled (None: it is, or should not be)."""
-        return self.engine.compile_failed if self.engine is not None else None
-
-    @property
-    def prefix_attention_failed(self) -> str | None:
-        """Why the compiled engine's attention reads every ring entry instead of what each slot holds."""
-        return self.engine.prefix_attention_failed if self.engine is not None else None
+    def shortfalls(self) -> list[str]:
+        """What the engine runs slower than it should, and why (`Engine.shortfalls`)."""
+        return self.engine.shortfalls if self.engine is not None else []
 
     def figures(self) -> EngineFigures | None:
         """The engine now (None before it is loaded)."""
