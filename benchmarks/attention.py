@@ -31,7 +31,9 @@ from personaplex.transformer import pinned_attention
 PERSONA = 100  # pinned entries with --pinned (a short voice prompt and role)
 
 
-def masked(q, q_pinned, keys, values, lengths, pinned):
+def masked(q, q_pinned, keys, values, lengths, pinned=None):
+    """Every ring entry read, those beyond each slot's length masked (and the pinned ones scored
+    with `q_pinned`): the route the prefix route replaces, also the tests' reference."""
     entries = torch.arange(keys.shape[2], device=keys.device)[None]
     mask = (entries < lengths[:, None])[:, None, None]  # [B, 1, 1, C]
     if pinned is None:

@@ -84,8 +84,8 @@ def test_the_prefix_route_compiled_and_graphed_equals_masked_attention_with_7b_h
     """`prefix_attention` compiled (Triton's flex decoding, with the log-sum-exp merge when
     pinned) inside a CUDA graph, replayed as the slots' rings fill, equals the masked path of
     the same bf16 inputs (to bf16 rounding): 32 heads of 128 over a 3,000-entry ring."""
+    from benchmarks.attention import masked
     from personaplex.prefix_attention import prefix_attention, prefix_mask
-    from personaplex.transformer import pinned_attention
 
     B, H, C, D = 8, 32, 3000, 128
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -107,14 +107,9 @@ def test_the_prefix_route_compiled_and_graphed_equals_masked_attention_with_7b_h
         with torch.cuda.graph(graph):
             out = tick()
     torch.cuda.current_stream().wait_stream(stream)
-    entries = torch.arange(C, device="cuda")[None]
     for filled in ([1] * B, [1, 2, 127, 128, 129, 1000, 2999, 3000], [3000] * B):
         lengths.copy_(torch.tensor(filled))
         graph.replay()
-        mask = (entries < lengths[:, None])[:, None, None]
-        if pinned:
-            is_pinned = (entries < torch.minimum(prompt, lengths)[:, None])[:, None, None]
-            expected = pinned_attention(q.float(), q_pinned.float(), keys.float(), values.float(), mask, is_pinned)
-        else:
-            expected = torch.nn.functional.scaled_dot_product_attention(q.float(), keys.float(), values.float(), attn_mask=mask)
+        ours = torch.minimum(prompt, lengths) if prompt is not None else None
+        expected = masked(q.float(), q_pinned.float() if pinned else None, keys.float(), values.float(), lengths, ours)
         torch.testing.assert_close(out.float(), expected, atol=2e-2, rtol=2e-2)

@@ -8,14 +8,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from benchmarks.attention import masked
 from personaplex.config import FRAME_SIZE
 from personaplex.engine import Engine
 from personaplex.prefix_attention import BLOCK, prefix_attention, prefix_mask
 from personaplex.sampling import SamplingParams
 from personaplex.streaming import reset_slots, streaming
-from personaplex.transformer import pinned_attention
 
 from .test_invariants import random_tokens, small_context_lm
 
@@ -30,14 +29,6 @@ def inputs(seed: int = 0) -> tuple[torch.Tensor, ...]:
     q, q_pinned = (torch.randn(B, H, 1, D, generator=g) for _ in range(2))
     keys, values = (torch.randn(B, H, CAPACITY, D, generator=g) for _ in range(2))
     return q, q_pinned, keys, values
-
-
-def masked(q, q_pinned, keys, values, lengths, pinned=None):
-    entries = torch.arange(CAPACITY)[None]
-    mask = (entries < lengths[:, None])[:, None, None]  # [B, 1, 1, S]
-    if pinned is None:
-        return F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
-    return pinned_attention(q, q_pinned, keys, values, mask, (entries < pinned[:, None])[:, None, None])
 
 
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
