@@ -107,13 +107,6 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
 
 
-def fill_rings(engine: Engine) -> None:
-    """Move every conversation a whole context on, as if it had talked for 4 minutes: every ring
-    entry is then in every query's window (the worst case for attention over what a slot holds)."""
-    transformer = engine.models.lm.transformer
-    transformer.state.offset.add_(transformer.context)  # type: ignore[union-attr]
-
-
 def memory(device: torch.device) -> dict:
     if device.type != "cuda":
         return {}
@@ -141,9 +134,7 @@ def tick_row(engine: Engine, n: int, args: argparse.Namespace, naive: list[float
 def attended(engine: Engine, bucket: int) -> int:
     """Mean number of steps in the attention windows of slots 0..bucket-1 (at most the context):
     what a tick on the prefix route reads, which grows as the rows run."""
-    transformer = engine.models.lm.transformer
-    offsets = transformer.state.offset[:bucket]  # type: ignore[union-attr]
-    return round(float((offsets + 1).clamp(max=transformer.context).float().mean()))
+    return round(float(engine.models.lm.transformer.next_read()[:bucket].float().mean()))
 
 
 def profile_tick(engine: Engine, n: int) -> dict:
@@ -218,15 +209,15 @@ def run(args: argparse.Namespace) -> dict:
         "time_to_first_audio": ttfa,
     }
     result["skipped_sessions"] = skipped
-    fill_rings(engine)  # the worst case: every ring full
-    result["full_rings"] = tick_row(engine, max(sessions), args, None)
-    if engine.cuda_graphs and args.eager_too:  # the same engine, its graphs set aside
-        graphs, engine._graphs = engine._graphs, None
-        eager = argparse.Namespace(**{**vars(args), "ticks": max(20, args.ticks // 5)})
-        result["eager_rows"] = [tick_row(engine, n, eager, None) for n in sessions]
-        engine._graphs = graphs
-    if args.profile and device.type == "cuda":
-        result["profile"] = {str(n): profile_tick(engine, n) for n in sorted({1, max(sessions)})}
+    with engine.full_windows():  # the worst case: every ring full, as after 4 minutes of talk
+        result["full_rings"] = tick_row(engine, max(sessions), args, None)
+        if engine.cuda_graphs and args.eager_too:  # the same engine, its graphs set aside
+            graphs, engine._graphs = engine._graphs, None
+            eager = argparse.Namespace(**{**vars(args), "ticks": max(20, args.ticks // 5)})
+            result["eager_rows"] = [tick_row(engine, n, eager, None) for n in sessions]
+            engine._graphs = graphs
+        if args.profile and device.type == "cuda":
+            result["profile"] = {str(n): profile_tick(engine, n) for n in sorted({1, max(sessions)})}
     if device.type == "cuda":
         result["memory"] = {"after_weights": after_weights, "after_engine": after_engine,
                             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),

@@ -332,8 +332,7 @@ class Transformer(StreamingModule):
         write_index = entries.expand(-1, self.num_heads, -1, head_dim)  # [B, H, T', Dh]
         if self._attends_prefix(x):
             plan = AttentionPlan(None, rotation, write_index, 0, False)
-            lengths = (state.offset + 1).clamp(max=self.capacity)  # [B] entries filled once this step is written
-            plan.prefix = prefix_mask(lengths, self.capacity, state.pinned if self.pinning else None)
+            plan.prefix = prefix_mask(self.next_read(), self.capacity, state.pinned if self.pinning else None)
             if self.pinning:
                 plan.pinned_rotation = self._pinned_rotation(q_pos, pinned, head_dim)
             return plan
@@ -353,6 +352,12 @@ class Transformer(StreamingModule):
             plan.pinned_rotation = self._pinned_rotation(q_pos, pinned, head_dim)
             plan.pinned_keys = is_pinned[:, None, None]  # [B, 1, 1, S]
         return plan
+
+    def next_read(self) -> torch.Tensor:
+        """[B] the ring entries each slot's next one-step call reads (its own key written first):
+        `min(offset + 1, capacity)`."""
+        assert isinstance(self.state, OffsetState)
+        return (self.state.offset + 1).clamp(max=self.capacity)
 
     def _attends_prefix(self, x: torch.Tensor) -> bool:
         return x.shape[1] == 1 and self.attends_prefix(x.device)
