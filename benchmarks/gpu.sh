@@ -27,8 +27,8 @@ status=0
 exec > >(tee "$log") 2>&1  # everything below goes to the screen and to the log
 echo "== device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || true
+bench() { "$PY" -c "import json, sys; from benchmarks.$1 import render; print(render(json.load(open(sys.argv[1]))))" "$2" || true; }
 if [ "${1:-}" = --quick ]; then
-    bench() { "$PY" -c "import json, sys; from benchmarks.$1 import render; print(render(json.load(open(sys.argv[1]))))" "$2" || true; }
     echo "== GPU tests: graphs replay eager, the prefix route in a graph"
     timeout 150 "$PY" -m pytest -q tests/test_gpu.py -k "prefix_route or not compiled" || status=1
     echo "== benchmark: 7B, bf16, uncompiled, CUDA graphs then without; every ring full; memory"
@@ -47,17 +47,17 @@ echo "== GPU tests"; "$PY" -m pytest -q tests/test_gpu.py || status=1
 echo "== benchmark: 7B, bf16, CUDA graphs, then without; every ring full; memory; profile"
 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,16,32,64 --ticks 1000 --eager-too --profile --json > "$json" \
     || status=$?
-"$PY" -c "import json, sys; from benchmarks.step import render; print(render(json.load(open(sys.argv[1]))))" "$json" || true
+bench step "$json"
 echo "== benchmark: the same without torch.compile (graphs on), for its gain"
 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,64 --ticks 300 --no-compile --json > "${json%.json}-no-compile.json" \
     || status=$?
-"$PY" -c "import json, sys; from benchmarks.step import render; print(render(json.load(open(sys.argv[1]))))" "${json%.json}-no-compile.json" || true
+bench step "${json%.json}-no-compile.json"
 echo "== one layer's attention, 7B heads: over what each slot holds (flex) against masked, plain and pinned"
 for kind in plain pinned; do
     f="${json%.json}-attention-$kind.json"
     "$PY" -m benchmarks.attention --device cuda --sessions 1,8,64 --reps 200 $([ $kind = pinned ] && echo --pinned) --json > "$f" \
         || status=$?
-    "$PY" -c "import json, sys; from benchmarks.attention import render; print(render(json.load(open(sys.argv[1]))))" "$f" || true
+    bench attention "$f"
 done
 echo "== kernels per tick (counted on the CPU)"; "$PY" -m benchmarks.step --count-ops --sessions 1,8 || status=1
 echo "wrote $json and $log (exit $status)"
