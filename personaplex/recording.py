@@ -19,6 +19,7 @@ import threading
 import time
 import wave
 import weakref
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -105,7 +106,7 @@ class FileStore:
     """Folders for what calls and offline runs leave, deleted beyond `keep` or after `max_age_s`."""
 
     def __init__(self, root: Path | None = None, keep: int = 32, max_age_s: float = 3600.0,
-                 max_recording_s: float = 900.0, keep_cached: int = 128) -> None:
+                 max_recording_s: float = 900.0, keep_cached: int = 128, grace_s: float = 0.0) -> None:
         if root is None:  # a folder of its own, deleted with the store (at the latest when the process exits)
             root = Path(tempfile.mkdtemp(prefix="personaplex-files-"))
             weakref.finalize(self, shutil.rmtree, root, ignore_errors=True)
@@ -114,12 +115,13 @@ class FileStore:
         self.keep_cached = keep_cached
         self.max_age_s = max_age_s
         self.max_recording_s = max_recording_s
+        self.grace_s = grace_s  # younger folders are not deleted for the count: their files may be on their way
         self._entries: list[_Entry] = []
         self._lock = threading.Lock()
 
     def folder(self) -> Path:
         """A fresh folder (for an offline run's files)."""
-        return self._new().folder
+        return self._new(lambda folder: None).folder
 
     def cached(self, name: str) -> Path:
         """A stable path for a file made once and reused (a voice's preview); the cache keeps
@@ -134,9 +136,8 @@ class FileStore:
 
     def recording(self, owner: str, call_id: str) -> CallRecording:
         """A new recording for the call `call_id` of the browser session whose token is `owner`."""
-        entry = self._new()
-        entry.owner, entry.call_id = owner, call_id
-        entry.recording = CallRecording(entry.folder, self.max_recording_s)
+        entry = self._new(lambda folder: CallRecording(folder, self.max_recording_s), owner, call_id)
+        assert entry.recording is not None
         return entry.recording
 
     def find(self, owner: str | None, call_id: str | None) -> CallRecording | None:
@@ -150,22 +151,25 @@ class FileStore:
         return None
 
     def prune(self, now: float | None = None) -> None:
-        """Delete every folder older than `max_age_s`, then the oldest ones beyond `keep`; a
-        recording still being written is never deleted."""
+        """Delete every folder older than `max_age_s`, then the oldest ones beyond `keep` (none
+        younger than `grace_s`); a recording still being written is never deleted."""
         now = time.monotonic() if now is None else now
         with self._lock:
             deletable = [e for e in self._entries if e.recording is None or e.recording.closed.is_set()]
             doomed = [e for e in deletable if now - e.created > self.max_age_s]
             surplus = len(self._entries) - len(doomed) - self.keep
-            doomed += [e for e in deletable if e not in doomed][: max(0, surplus)]
+            doomed += [e for e in deletable if e not in doomed and now - e.created >= self.grace_s][: max(0, surplus)]
             self._entries = [e for e in self._entries if e not in doomed]
         for entry in doomed:
             shutil.rmtree(entry.folder, ignore_errors=True)
 
-    def _new(self) -> _Entry:
+    def _new(self, contents: Callable[[Path], CallRecording | None], owner: str | None = None,
+             call_id: str | None = None) -> _Entry:
+        """A folder with its contents made before the store counts it: a prune (from another
+        thread) cannot take a folder that is still being set up."""
         folder = self.root / secrets.token_urlsafe(16)
         folder.mkdir(parents=True)
-        entry = _Entry(folder, time.monotonic())
+        entry = _Entry(folder, time.monotonic(), owner, call_id, contents(folder))
         with self._lock:
             self._entries.append(entry)
         self.prune()

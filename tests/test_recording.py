@@ -3,6 +3,7 @@ and a store that hands a recording only to the page session that made the call."
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 import wave
 
@@ -57,6 +58,17 @@ def test_old_and_surplus_folders_are_deleted_but_not_a_call_in_progress(tmp_path
     live.close()
     store.prune(now=1e12)
     assert not live.folder.exists() and store.find("a", "live") is None
+
+
+def test_more_calls_than_the_store_keeps_and_a_new_folder_beside_them_all_stay(tmp_path):
+    """With more calls in progress than `keep` (64 slots, 32 kept), every recording is written and
+    an offline run's new folder is not deleted before its files have left."""
+    store = FileStore(tmp_path, keep=2, max_age_s=100, grace_s=60)
+    live = [store.recording("a", f"call-{i}") for i in range(4)]
+    offline = store.folder()
+    assert all(r.folder.exists() for r in live) and offline.exists()
+    store.prune(now=time.monotonic() + 61)  # a minute later the surplus goes
+    assert not offline.exists() and all(r.folder.exists() for r in live)
 
 
 def test_a_store_of_its_own_deletes_its_folder_when_it_goes():
