@@ -18,11 +18,13 @@ from .sampling import SamplingParams, random_seed
 RANDOM_SEED = -1
 
 
-def text(name: str, value: Any, empty_if_none: bool = True) -> str:
+def text(name: str, value: Any, empty_if_none: bool = True, max_chars: int | None = None) -> str:
     if value is None and empty_if_none:
         return ""
     if not isinstance(value, str):
         raise SettingsError(f"{name} must be text, got {_shown(value)}")
+    if max_chars is not None and len(value) > max_chars:
+        raise SettingsError(f"{name} is {len(value)} characters long; at most {max_chars} are accepted")
     return value
 
 

@@ -6,7 +6,7 @@ Implements:
     `EngineWorker`, starts live calls in their `Session`s (`start_call`) and runs recordings
     through the engine (`run_offline`); it keeps the files calls leave (`files`);
   * voices: the checkpoint's voice table (names only, never client paths) and custom voices
-    (`add_custom_voice`: validated, loudness-normalised, encoded once, cached by content hash);
+    (`add_custom_voice`: validated, loudness-normalised, encoded once, keyed by the clip and its uploader);
   * `NotReady`, `OfflineResult`.
 """
 
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import enum
 import hashlib
+import hmac
 import logging
 import os
+import secrets
 import threading
 import time
 from collections import OrderedDict
@@ -27,7 +29,7 @@ import numpy as np
 import torch
 
 from .audio import AudioError, normalize_loudness, read_audio, write_wav
-from .config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
+from .config import DEFAULT_TEXT_PROMPT, FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
 from .engine import Engine
 from .errors import SettingsError, UserError
 from .generate import PromptPlan
@@ -52,6 +54,8 @@ CUSTOM_VOICE_PREFIX = "custom:"
 MAX_PLANS = 64  # persona prompts kept ready (the presets, and recent custom roles)
 MAX_CUSTOM_VOICES = 64  # encoded custom voices kept
 MAX_TICK_MS = 70.0  # the default number of conversations keeps one tick of all of them under this
+FILES_GRACE_S = 60.0  # a new folder of results is not deleted for the count before Gradio has copied it
+OFFLINE_SHARE = 4  # offline runs at once: at most one in this many slots, live calls come first
 SLOT_MEMORY_RESERVE = 4 * 1024**3  # activations, CUDA graphs, allocator slack
 
 
@@ -125,7 +129,9 @@ class Service:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._when_ready: list[Callable[[], None]] = []
-        self.files = FileStore()
+        self._offline = threading.BoundedSemaphore(1)  # sized once the slots are known (`offline_runs`)
+        self._secret = secrets.token_bytes(32)  # keys custom voices: a clip's key is its uploader's alone
+        self.files = FileStore(grace_s=FILES_GRACE_S)
 
     # --- loading ------------------------------------------------------------------------
     def start(self) -> None:
@@ -140,6 +146,11 @@ class Service:
                 self._when_ready.append(callback)
                 return
         callback()
+
+    def stop(self) -> None:
+        """End every call and offline run ("the server is shutting down") and stop the engine thread."""
+        if self.worker is not None:
+            self.worker.stop()
 
     def wait_ready(self, timeout: float | None = None) -> Status:
         if self._thread is not None:
@@ -175,6 +186,7 @@ class Service:
             frame_ms = self._warm_up()
             if not s.max_sessions:  # as many as fit, and as many as one tick serves in time
                 slots, frame_ms = self._fit_sessions(frame_ms)
+            self._offline = threading.BoundedSemaphore(offline_runs(slots))
             with self._lock:
                 self._set(State.READY, self._ready_message(slots, frame_ms), frame_ms)
                 callbacks, self._when_ready = self._when_ready, []
@@ -281,14 +293,17 @@ class Service:
                 self._voices[name] = cached
         return cached
 
-    def add_custom_voice(self, path: str | Path) -> CustomVoice:
-        """Validate, normalise and encode an uploaded voice clip."""
+    def add_custom_voice(self, path: str | Path, owner: str) -> CustomVoice:
+        """Validate, normalise and encode an uploaded voice clip for `owner` (a page session):
+        its key is made from the clip and the owner with a secret of this server, so another page
+        can neither use it nor find out, by uploading the same clip, that it was uploaded."""
         engine, worker = self._require_ready()
         path = Path(path)
         if path.stat().st_size > MAX_UPLOAD_BYTES:
             raise AudioError(f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB: upload a short clip of speech")
         data = path.read_bytes()
-        key = CUSTOM_VOICE_PREFIX + hashlib.sha256(data).hexdigest()[:24]
+        mac = hmac.new(self._secret, owner.encode() + b"\0" + hashlib.sha256(data).digest(), hashlib.sha256)
+        key = CUSTOM_VOICE_PREFIX + mac.hexdigest()[:32]
         low, high = CUSTOM_VOICE_SECONDS
         pcm = read_audio(path, max_seconds=high)
         seconds = pcm.size / SAMPLE_RATE
@@ -314,11 +329,17 @@ class Service:
         path = self.files.cached("preview-" + hashlib.sha256(voice.encode()).hexdigest()[:24] + ".wav")
         if not path.exists():
             silence = np.zeros(int(PREVIEW_SECONDS * SAMPLE_RATE), dtype=np.float32)
-            result = self.run_offline(voice, DEFAULT_TEXT_PROMPT, SamplingParams(seed=PREVIEW_SEED), silence)
+            # Not behind the offline runs (a preview takes a slot for a moment, one at a time, then it is cached).
+            result = self._run_offline(voice, DEFAULT_TEXT_PROMPT, SamplingParams(seed=PREVIEW_SEED), silence, None)
             partial = path.with_suffix(".part")
             write_wav(partial, result.agent)
             partial.replace(path)
         return path
+
+    @property
+    def context_s(self) -> float:
+        """How much of a conversation the model holds (its window), in seconds."""
+        return self.config.lm.context / FRAME_RATE
 
     @property
     def shortfalls(self) -> list[str]:
@@ -368,12 +389,27 @@ class Service:
         sampling: SamplingParams,
         user_pcm: np.ndarray,
         progress: Callable[[int, int], None] | None = None,
+        waiting: Callable[[str], None] | None = None,
     ) -> OfflineResult:
         """The whole recording through the engine, at its pace, in a slot of its own (the
-        persona kept past the model's context, as in a call by default)."""
-        _, worker = self._require_ready()
+        persona kept past the model's context, as in a call by default). Only a share of the
+        slots runs recordings (`offline_runs`): the others are kept for live calls, and a run
+        beyond that share waits, saying so through `waiting`."""
+        self._require_ready()
         if user_pcm.size == 0:
             raise AudioError("the recording is empty")
+        if not self._offline.acquire(blocking=False):
+            if waiting is not None:
+                waiting("waiting for the runs ahead: live calls keep most of the engine's slots")
+            self._offline.acquire()
+        try:
+            return self._run_offline(voice, role, sampling, user_pcm, progress)
+        finally:
+            self._offline.release()
+
+    def _run_offline(self, voice: str, role: str, sampling: SamplingParams, user_pcm: np.ndarray,
+                     progress: Callable[[int, int], None] | None) -> OfflineResult:
+        _, worker = self._require_ready()
         session = Session(OFFLINE)
         worker.open(session, self.plan(voice, role), sampling, self.describe, keep_persona=True)
         session.push(user_pcm, final=True)
@@ -394,6 +430,11 @@ class Service:
         finally:
             session.end("stopped", "the recording is done")
         return OfflineResult(user=user_pcm, agent=np.concatenate(agent)[: user_pcm.size], transcript=transcript)
+
+
+def offline_runs(slots: int) -> int:
+    """Offline runs the engine takes at once with `slots` slots."""
+    return max(1, slots // OFFLINE_SHARE)
 
 
 def cpu_threads() -> int:

@@ -104,3 +104,56 @@ def test_by_default_it_takes_no_more_calls_than_one_tick_serves_in_time(monkeypa
         svc.start_call(Session(), "TESTV0", "", service_module.SamplingParams())
     first.end("stopped", "bye")
     svc.worker.stop()
+
+
+def test_offline_runs_take_a_share_of_the_slots_and_say_when_they_wait():
+    """With 4 slots one recording runs at a time; a second waits (and says so) and live calls
+    take the other slots meanwhile."""
+    import threading
+
+    import numpy as np
+
+    from personaplex.sampling import SamplingParams
+    from personaplex.session import Session
+
+    from .helpers import noise_pcm, start_tiny_service
+
+    svc = start_tiny_service(max_sessions=4)
+    user = noise_pcm(250).numpy()  # 20 s: long enough to overlap
+    said, results = [], []
+
+    def run(name: str) -> None:
+        results.append((name, svc.run_offline("TESTV0", "", SamplingParams(seed=1), user, waiting=said.append)))
+
+    try:
+        first = threading.Thread(target=run, args=("first",))
+        first.start()
+        while svc.worker.live_sessions == 0:
+            threading.Event().wait(0.01)
+        second = threading.Thread(target=run, args=("second",))
+        second.start()
+        calls = [Session() for _ in range(3)]
+        for call in calls:  # the three other slots are the live calls'
+            svc.start_call(call, "TESTV0", "", SamplingParams(seed=2))
+        busy_meanwhile = svc.worker.live_sessions
+        for call in calls:
+            call.end("stopped", "done")
+        first.join(60)
+        second.join(60)
+    finally:
+        svc.stop()
+    assert busy_meanwhile == 4 and len(said) == 1 and "waiting" in said[0]
+    assert [name for name, _ in results] == ["first", "second"]
+    assert all(r.agent.size == user.size and np.abs(r.agent).max() > 0 for _, r in results)
+
+
+def test_a_custom_voice_is_its_uploaders_alone():
+    from .helpers import ROOT, start_tiny_service
+
+    svc = start_tiny_service(max_sessions=1)
+    clip = ROOT / "examples" / "voice_sample.wav"
+    try:
+        mine, again, theirs = (svc.add_custom_voice(clip, page).key for page in ("page-a", "page-a", "page-b"))
+    finally:
+        svc.stop()
+    assert mine == again and mine != theirs  # the same clip from another page is another voice
