@@ -3,11 +3,13 @@
 UI only. The page is built at once; the model loads in the background (`personaplex.service`)
 and a status line says what the engine is doing. A live call is a `personaplex.session.Session`,
 which owns the conversation's timeline; the fastrtc handler here passes audio in and out and
-turns the session into what the page shows: who is speaking, the conversation turn by turn,
-whether the call keeps real time. Everything a call leaves belongs to the browser session that
-made it: a per-page token kept on the server (`gr.State`) is checked before captions or files
-are shown. A second tab runs the same engine on a recording. The API lists only what a person
-would call (`PUBLIC_API`), with parameter names that say what they are.
+sends the page what it shows of the call (`web.call_page`: who is speaking, the conversation
+turn by turn, whether the call keeps real time) on the call's own data channel. Everything a
+call leaves belongs to the browser session that made it: its connection answers only the page
+that opened it (`web.connections`), and a per-page token kept on the server (`gr.State`) is
+checked before its files are shown. A second tab runs the same engine on a recording. The API
+lists only what a person would call (`PUBLIC_API`), with parameter names that say what they
+are. What strangers can send is bounded at the door (`web.limits`, `web.gradio_queue`).
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import secrets
 import signal
 import sys
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -31,36 +34,46 @@ from typing import Any
 import gradio as gr
 import numpy as np
 import spaces
-from fastrtc import AdditionalOutputs, AsyncStreamHandler, WebRTC
+from fastrtc import AsyncStreamHandler, WebRTC
 from fastrtc.utils import create_message, get_current_context
+from gradio.utils import get_upload_folder as gradio_upload_folder
+from starlette.middleware import Middleware
 
 from personaplex import inputs
 from personaplex.audio import AudioError, HalfRate, float_to_int16, int16_to_float, read_audio, wav_bytes
-from personaplex.config import FRAME_RATE, SAMPLE_RATE
+from personaplex.config import SAMPLE_RATE
 from personaplex.errors import SettingsError, UserError
-from personaplex.health import BEHIND_TICK_MS, CallView, Memory, Verdict, memory
+from personaplex.health import BEHIND_TICK_MS, CallView
 from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams
-from personaplex.service import CUSTOM_VOICE_SECONDS, MAX_ROLE_CHARS, Service, Settings, State
+from personaplex.service import CUSTOM_VOICE_SECONDS, MAX_ROLE_CHARS, Service, Settings, State, offline_runs
 from personaplex.session import REALTIME, Limits, Phase, Session
-from personaplex.transcript import FRAME_S, MODEL, Transcript, clock_text
+from personaplex.transcript import clock_text
+from web import call_page
+from web.call_page import CAPTION_TURNS, MESSAGE_TYPE, CallFigures, CallPage, idle_html
+from web.connections import MAX_OPENING, CallConnections
+from web.gradio_queue import explain_refusals, forget_finished_events, short_reason
+from web.limits import Limits as RequestSizes
+from web.limits import RequestLimits
 
 logger = logging.getLogger("personaplex.app")
 
 ASSETS = Path(__file__).parent / "assets"
 RELEASE_VOICES = [f"NAT{g}{i}" for g in "FM" for i in range(4)] + [f"VAR{g}{i}" for g in "FM" for i in range(5)]
 CUSTOM_VOICE = "Custom voice (uploaded)"
+MAX_NAME_CHARS = 64  # of a voice's name, as a client sends it
 UPDATE_EVERY = 3  # frames between page updates (about 4 a second: who is speaking stays live)
-MAX_PENDING_UPDATES = 2  # updates not sent yet beyond which a new one is skipped (the next carries it all)
+MAX_BUFFERED = 64 * 1024  # bytes the call's channel has not sent yet beyond which an update is skipped (the next carries it)
+LOGGED_CHARS = 300  # of a refusal's reason in the log
 ARGS_TIMEOUT_S = 3.0  # the page sends a call's settings within this time of connecting, or the call ends
 END_STREAM_DELAY_S = 0.3  # the last captions and files reach the page before the call is closed
 CLOSE_DELAY_S = 0.5  # then the browser closes its side; the server closes its own after this
-CAPTION_TURNS = 20  # turns shown live (the transcript file has them all)
-DETAILS_EVERY_S = 1.0  # the call's figures change slowly: sent once a second
-CAPTION_CHARS = 1500  # of a turn shown live: its end
 STATUS_EVERY_S = 2.0
 INPUT_RATE = 2 * SAMPLE_RATE  # the microphone as fastrtc decodes it (Opus: 48 kHz)
 SAMPLING_NAMES = ("temp_text", "topk_text", "temp_audio", "topk_audio", "seed", "greedy")
 CALL_INPUT_NAMES = ("owner", "role", "voice", "custom_voice", "consent", *SAMPLING_NAMES, "mute", "keep_persona")  # what a call reads
+SPARE_CONNECTIONS = 8  # connections beyond the calls and the openings: a caller refused as busy reads why
+PREVIEWS_AT_ONCE = 1  # voice previews made at once (each holds a slot for a moment; then it is cached)
+SESSIONS_KEPT = 500  # page sessions whose state Gradio keeps (110 KB each, measured); an open page stays (its status ticks)
 PAGE_UP = "the page is up"  # logged with its address once the server listens
 PUBLIC_API = ("generate_offline", "upload_voice", "preview_voice", "voices", "personas")
 
@@ -73,10 +86,6 @@ def load_personas() -> tuple[dict[str, dict], str]:
 def new_owner() -> str:
     """A page session's token: what it made can be fetched with it, and with nothing else."""
     return secrets.token_urlsafe(24)
-
-
-def same_owner(a: Any, b: Any) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and bool(a) and secrets.compare_digest(a, b)
 
 
 def voice_label(name: str) -> str:
@@ -94,7 +103,7 @@ def voice_choices(names: list[str]) -> list[tuple[str, str]]:
 
 def voice_key(voice: Any, custom_voice: Any, consent: Any) -> str:
     """The service's name for the chosen voice: a checkpoint voice, or this page's upload."""
-    voice = inputs.text("the voice", voice, empty_if_none=False)
+    voice = inputs.text("the voice", voice, empty_if_none=False, max_chars=MAX_NAME_CHARS)
     if voice != CUSTOM_VOICE:
         return voice
     if not inputs.text("the custom voice", custom_voice) or not inputs.flag("the consent box", consent):
@@ -122,29 +131,18 @@ def as_sent(component: gr.components.Component) -> gr.components.Component:
 
 
 # --- a live call ---------------------------------------------------------------------------
-@dataclass(frozen=True)
-class CallUpdate:
-    """What the page shows of a call, for the page session `owner` only."""
-
-    owner: str | None
-    live: str  # html: who is speaking, and the verdict
-    conversation: list[dict] | None  # chat messages, turn by turn (None: as last sent)
-    details: str | None  # html: the figures (None: as last sent)
-    files: tuple[str, str] | None = None  # after the call: the recording and the transcript
-
-
 @dataclass
 class Calls:
     """What every connection's handler shares."""
 
     service: Service
     limits: Limits
-    connections: WebRTC | None = None  # fastrtc's peer connections, to close one the app ends
+    connections: CallConnections | None = None  # who opened which call; closes one the app ends
 
 
 class ConversationHandler(AsyncStreamHandler):
     """One WebRTC connection, an adapter: microphone -> `Session.push`; `Session.next_async` ->
-    speaker; the session's state -> what the page shows."""
+    speaker; the session's state -> the page, on the call's own data channel (`web.call_page`)."""
 
     def __init__(self, calls: Calls) -> None:
         # Input at Opus's own 48 kHz: fastrtc then hands over each 20 ms packet as it comes (at
@@ -154,11 +152,10 @@ class ConversationHandler(AsyncStreamHandler):
         self.calls = calls
         self.session = Session(calls.limits)
         self.view = CallView(max_turns=CAPTION_TURNS)
+        self.page = CallPage()
         self.owner: str | None = None
         self.call_id: str | None = None
         self._since_update = 0
-        self._sent_messages: list[dict] | None = None
-        self._details_at = -float("inf")
         self._finished = False  # the ending was shown; the stream is closing
         self._logged = False
 
@@ -201,14 +198,12 @@ class ConversationHandler(AsyncStreamHandler):
         out = await self.session.next_async(0.05)
         if out is not None:
             self.view.add(out)
-            audio = (SAMPLE_RATE, float_to_int16(out.pcm)[None])
             self._since_update += 1
-            if self._since_update >= UPDATE_EVERY and self._channel_open() and self._pending_updates() < MAX_PENDING_UPDATES:
+            if self._since_update >= UPDATE_EVERY and self._send_update():
                 self._since_update = 0
-                return audio, AdditionalOutputs(self._update())
-            return audio
+            return SAMPLE_RATE, float_to_int16(out.pcm)[None]
         if self.session.ending is not None:
-            return await self._finish()
+            await self._finish()
         return None
 
     async def shutdown(self) -> None:
@@ -219,18 +214,18 @@ class ConversationHandler(AsyncStreamHandler):
     # --- endings ---------------------------------------------------------------------------
     def _refuse(self, reason: str) -> None:
         if self.session.phase is not Phase.ENDED:  # (not if the browser hung up first)
-            logger.info("call %s: refused: %s", self._tag, reason)
+            logger.info("call %s: refused: %s", self._tag, reason[:LOGGED_CHARS])
         self.session.end("refused", reason)
 
-    async def _finish(self) -> AdditionalOutputs | None:
-        """The session ended on its own (time limit, idle, refusal, error): show why and what
-        it left, then end the stream and close the connection."""
+    async def _finish(self) -> None:
+        """The session ended on its own (time limit, idle, refusal, error): show why (the page
+        then fetches what the call left), end the stream and close the connection."""
         self._finished = True
         await self._close_session()
         ending = self.session.ending
         assert ending is not None
+        self._send_update(final=True)
         asyncio.get_running_loop().call_later(END_STREAM_DELAY_S, self._end_stream, ending.message)
-        return AdditionalOutputs(self._update(final=True)) if self._channel_open() else None
 
     async def _close_session(self) -> None:
         recording = self.session.recording
@@ -240,20 +235,16 @@ class ConversationHandler(AsyncStreamHandler):
             seconds = recording.seconds if recording is not None else self.session.elapsed_s
             logger.info("call %s: ended (%s) after %s; %s", self._tag, ending.reason, clock_text(seconds), self.session.stats)
 
-    def _channel_open(self) -> bool:
-        """Updates travel on the data channel: none once the browser has closed it."""
-        return self.channel is not None and self.channel.readyState == "open"
-
     def _end_stream(self, message: str) -> None:
-        channel = self.channel
-        if channel is not None and self._channel_open():
-            channel.send(create_message("end_stream", message))  # the page stops the call and shows why
-        asyncio.get_running_loop().call_later(CLOSE_DELAY_S, lambda: asyncio.ensure_future(self._close_connection()))
+        """fastrtc's page stops the call on this message; the connection is closed after it in any case."""
+        try:
+            self._send("end_stream", message)
+        finally:
+            asyncio.get_running_loop().call_later(CLOSE_DELAY_S, lambda: asyncio.ensure_future(self._close_connection()))
 
     async def _close_connection(self) -> None:
-        pc = self._connection()
-        if pc is not None:
-            await pc.close()  # frees fastrtc's connection slot now, not after ICE gives up
+        if self.calls.connections is not None:
+            await self.calls.connections.close(self.call_id)  # frees the connection's place now, not after ICE gives up
 
     # --- what the page shows ---------------------------------------------------------------
     def _named_args(self) -> dict[str, Any]:
@@ -266,44 +257,38 @@ class ConversationHandler(AsyncStreamHandler):
             return False
         return self._named_args()["mute"] is True
 
-    def _pending_updates(self) -> int:
-        """Page updates fastrtc holds for this call that Gradio has not sent yet (its queue is
-        unbounded: when the server falls behind, each update would otherwise pile up)."""
-        connections = self.calls.connections
-        queue = connections.additional_outputs.get(self.call_id) if connections is not None and self.call_id else None
-        return queue.queue.qsize() if queue is not None else 0
-
-    def _connection(self):  # -> aiortc.RTCPeerConnection | None
-        connections = self.calls.connections
-        return connections.pcs.get(self.call_id) if connections is not None and self.call_id else None
-
     @property
     def _tag(self) -> str:
         return (self.call_id or "?")[:8]
 
-    def _update(self, final: bool = False) -> CallUpdate:
-        session, view = self.session, self.view
-        worker = self.calls.service.worker
-        tick_ms = worker.last_tick_ms if worker is not None else 0.0
-        if session.phase is Phase.LIVE:
-            view.update_verdict(session.elapsed_s, session.stats, tick_ms)
-        files = None
-        recording = session.recording
-        if final and recording is not None and recording.closed.is_set() and recording.model_frames:
-            files = (str(recording.wav_path), str(recording.transcript_path))
-        # Only what changed goes to the page: Gradio re-validates a chat's every message at each
-        # update, work that shares the interpreter with the engine thread.
-        messages = conversation_messages(view.captions)
-        conversation = messages if final or messages != self._sent_messages else None
-        self._sent_messages = messages
-        details = None
+    def _send_update(self, final: bool = False) -> bool:
+        """The call's view to the page, if the channel is open and has taken the last ones."""
+        channel = self.channel
+        if channel is None or channel.readyState != "open" or (channel.bufferedAmount > MAX_BUFFERED and not final):
+            return False
         now = asyncio.get_running_loop().time()
-        if final or now - self._details_at >= DETAILS_EVERY_S:
-            pc = self._connection()
-            details = details_html(session, tick_ms, pc.connectionState if pc is not None else "closed",
-                                   call_memory(session, self.calls.service).held)
-            self._details_at = now
-        return CallUpdate(self.owner, live_html(view, session, self.calls.service), conversation, details, files)
+        service, connections = self.calls.service, self.calls.connections
+        figures = service.figures()
+        tick_ms = figures.tick_ms if figures is not None else 0.0
+        if self.session.phase is Phase.LIVE:
+            self.view.update_verdict(self.session.elapsed_s, self.session.stats, tick_ms)
+        state = connections.state(self.call_id) if connections is not None else "closed"
+        data = self.page.update(self.view, self.session, CallFigures(tick_ms, state, service.context_s), now, final)
+        if self._send(MESSAGE_TYPE, data):
+            self.page.sent(data, now)
+            return True
+        return False
+
+    def _send(self, kind: str, data: Any) -> bool:
+        channel = self.channel
+        if channel is None or channel.readyState != "open":
+            return False
+        try:
+            channel.send(call_page.encode(data) if kind == MESSAGE_TYPE else create_message(kind, data))
+        except Exception as exc:  # the channel closed meanwhile: the page is gone
+            logger.info("call %s: the page's channel refused a message: %s", self._tag, type(exc).__name__)
+            return False
+        return True
 
 
 def current_connection() -> str | None:
@@ -314,81 +299,9 @@ def current_connection() -> str | None:
         return None
 
 
-# --- how a call looks ------------------------------------------------------------------------
-VERDICT_CLASS = {Verdict.REAL_TIME: "ok", Verdict.BEHIND: "behind", Verdict.DROPPING: "dropping"}
-PHASE_TEXT = {Phase.WAITING: "connecting", Phase.STARTING: "loading the persona", Phase.LIVE: "live", Phase.ENDED: "ended"}
-
-
-def live_html(view: CallView, session: Session, service: Service) -> str:
-    """Who is speaking (two meters), the verdict, and why the call ended or what to mind."""
-    rows = "".join(
-        f"<div class='who {'speaking' if a.speaking else ''}'><span class='name'>{name}</span>"
-        f"<span class='meter'><i style='width:{100 * a.fraction:.0f}%'></i></span>"
-        f"<span class='state'>{'speaking' if a.speaking else 'quiet'}</span></div>"
-        for name, a in (("You", view.user), ("Model", view.model))
-    )
-    if session.phase is not Phase.LIVE or view.verdict is None:
-        verdict = f"<div class='verdict waiting'>{PHASE_TEXT[session.phase]}</div>"
-    else:
-        verdict = f"<div class='verdict {VERDICT_CLASS[view.verdict]}'>{view.verdict.value}</div>"
-    note, reason = "", session.ending.reason if session.ending is not None else ""
-    if session.ending is not None:
-        note = f"<p class='warn'>⚠ {html.escape(session.ending.message, quote=False)}</p>"
-    elif session.phase is Phase.LIVE and (warning := call_memory(session, service).warning):
-        note = f"<p class='warn'>⚠ {warning}</p>"
-    return f"<div class='live' data-ending='{reason}'><div class='meters'>{rows}</div>{verdict}{note}</div>"
-
-
-def call_memory(session: Session, service: Service) -> Memory:
-    return memory(service.config.lm.context / FRAME_RATE, session.prompt_frames / FRAME_RATE,
-                  session.stats.frames_in * FRAME_S, session.keeps_persona)
-
-
-def details_html(session: Session, tick_ms: float, connection: str, held: str = "") -> str:
-    """The figures behind the verdict; `held`: what the model's memory holds (`call_memory`)."""
-    s, limit = session.stats, session.limits.time_limit_s
-    heard = max(1, s.frames_in + s.too_fast)
-    rows = [
-        ("connection", f"{connection}; the call is {PHASE_TEXT[session.phase]}"),
-        ("engine tick", f"{tick_ms:.1f} ms for an 80 ms frame (real-time factor {tick_ms / 80:.2f})"
-                        + (" — near its limit" if tick_ms > BEHIND_TICK_MS else "")),
-        ("your audio dropped", f"{s.too_fast + s.unheard} of {heard} frames ({100 * (s.too_fast + s.unheard) / heard:.1f} %)"),
-        ("the model's audio dropped", f"{s.silent_out + s.dropped_out} frames answered with silence or not taken"),
-        ("call time", clock_text(session.elapsed_s) + (f" of {clock_text(limit)}" if limit else "")),
-    ]
-    if held and session.phase is Phase.LIVE:
-        rows.append(("the model's memory", held))
-    cells = "".join(f"<tr><td>{k}</td><td>{v}</td></tr>" for k, v in rows)
-    return f"<table class='details'>{cells}</table>"
-
-
-def conversation_messages(transcript: Transcript) -> list[dict]:
-    """The turns as chat messages: the model's words, and when you spoke (escaped: the chat box
-    reads its messages as html, and would swallow a "<" the model says)."""
-    return [{"role": "assistant" if t.speaker == MODEL else "user", "content": html.escape(
-             f"{clock_text(t.start_s)} · {_tail(t.render(), CAPTION_CHARS)}", quote=False)} for t in transcript.turns()]
-
-
-def _tail(text: str, chars: int) -> str:
-    """The end of a long turn (a monologue), so that every page update stays small."""
-    return text if len(text) <= chars else "…" + text[-chars:].lstrip()
-
-
-def show_update(owner: Any, update: Any):
-    """The page's view of a call update: only for the page session that made the call."""
-    keep = gr.update()
-    if not isinstance(update, CallUpdate) or not same_owner(owner, update.owner):
-        return keep, keep, keep, keep, keep
-    files = update.files
-    recording = gr.update(value=files[0], visible=True) if files else keep
-    transcript = gr.update(value=files[1], visible=True) if files else keep
-    conversation = keep if update.conversation is None else update.conversation
-    details = keep if update.details is None else update.details
-    return update.live, conversation, details, recording, transcript
-
-
-def stopped_call_files(service: Service, webrtc_value: Any, owner: Any):
-    """After the user pressed stop: this page's recording of that call, once it is complete."""
+def call_files(service: Service, webrtc_value: Any, owner: Any):
+    """After a call (the page asks when it stopped one, or when the server ended it): this page's
+    recording of that call and its transcript, once complete; nothing for any other page."""
     call_id = getattr(webrtc_value, "webrtc_id", webrtc_value)
     recording = service.files.find(owner if isinstance(owner, str) else None, call_id if isinstance(call_id, str) else None)
     if recording is None or not recording.closed.wait(5.0) or not recording.model_frames:
@@ -403,9 +316,10 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
     calls = Calls(service, limits)
     rtc, server_rtc = turn_configuration()
     low, high = CUSTOM_VOICE_SECONDS
-    context_min = service.config.lm.context / FRAME_RATE / 60
+    context_min = service.context_s / 60
 
-    with gr.Blocks(title="PersonaPlex Live", css=CSS, js=ONE_CLICK_START, theme=gr.themes.Soft(), delete_cache=(600, 3600)) as demo:
+    with gr.Blocks(title="PersonaPlex Live", css=call_page.style(), js=call_page.script(), theme=gr.themes.Soft(),
+                   delete_cache=(600, 3600)) as demo:
         owner = gr.State(None)  # this page's token, made when the page loads; never sent to the browser
         custom_voice = gr.State("")  # this page's uploaded voice (the service's key)
         shown_voices = gr.State(None)  # the voice list this page shows (it changes once, after loading)
@@ -417,15 +331,17 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
                     webrtc = WebRTC(label="Call", modality="audio", mode="send-receive", full_screen=False,
                                     button_labels={"start": "Start the call", "stop": "End the call", "waiting": "Connecting…"},
                                     rtc_configuration=rtc, server_rtc_configuration=server_rtc, elem_id="webrtc")
-                    live = gr.HTML(idle_html(), elem_id="live")
-                    conversation = gr.Chatbot(type="messages", label="Conversation", elem_id="conversation", height=300,
-                                              render_markdown=False, allow_tags=False, show_copy_all_button=True, placeholder="The conversation shows here, turn by turn.")
+                    # Drawn by the page's script from the call's own messages (web/call_page.py), never by Gradio.
+                    gr.HTML(f"<div data-pp='live'>{idle_html()}</div>", elem_id="live")
+                    gr.HTML("<div class='turns-title'>Conversation</div><div data-pp='conversation' class='turns'>"
+                            "<p class='placeholder'>The conversation shows here, turn by turn.</p></div>", elem_id="conversation")
                     mute = gr.Checkbox(False, label="Mute my microphone (the model hears silence)", elem_id="mute")
                     with gr.Row():
                         recording = gr.File(label="Recording (stereo: you left, model right)", elem_id="recording", visible=False)
                         transcript_file = gr.File(label="Transcript", elem_id="transcript_file", visible=False)
                     with gr.Accordion("Call details", open=False):
-                        details = gr.HTML("", elem_id="details")
+                        gr.HTML("<div data-pp='details'></div>", elem_id="details")
+                    files_trigger = gr.Button("the call's files", elem_id="call_files", elem_classes="pp-hidden")
                     gr.Markdown("Headphones avoid echo. The model hears you while it talks: interrupt it any time.",
                                 elem_classes="hint")
                 with gr.Tab("Offline"):
@@ -472,29 +388,33 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
         call_inputs = {"owner": owner, "role": role, "voice": voice, "custom_voice": custom_voice, "consent": consent,
                        **dict(zip(SAMPLING_NAMES, sampling, strict=True)), "mute": mute, "keep_persona": keep_persona}
         assert tuple(call_inputs) == CALL_INPUT_NAMES
-        calls.connections = webrtc
+        calls.connections = CallConnections(webrtc)
+        calls.connections.install()  # before `stream`: its events go through these doors
         demo.load(new_owner, outputs=owner)
         persona.change(functools.partial(pick_persona, service, personas), inputs=[persona, voice], outputs=[role, voice])
         role.change(role_counter, inputs=role, outputs=role_count, show_progress="hidden")
         voice.change(lambda: gr.update(visible=False, value=None), outputs=preview_audio, show_progress="hidden")
         preview.click(functools.partial(preview_voice, service), inputs=[voice, custom_voice], outputs=preview_audio,
-                      api_name="preview_voice")
+                      api_name="preview_voice", concurrency_limit=PREVIEWS_AT_ONCE)
+
+        def upload(voice_clip: Any, consent: Any, custom_voice: Any, request: gr.Request):
+            """A voice clip (5 to 30 s of speech) becomes this session's custom voice, once `consent` is true."""
+            return upload_voice(service, voice_clip, consent, custom_voice, request.session_hash)
+
         clip_args = {"inputs": [clip, consent, custom_voice], "outputs": [voice_status, custom_voice, voice, clip, voice_in_use]}
-        clip.upload(functools.partial(upload_voice, service), api_name="upload_voice", **clip_args)
-        clip.stop_recording(functools.partial(upload_voice, service), **clip_args)
-        consent.change(functools.partial(upload_voice, service), **clip_args)  # ticked after the upload: the clip applies now
+        clip.upload(upload, api_name="upload_voice", **clip_args)
+        clip.stop_recording(upload, **clip_args)
+        consent.change(upload, **clip_args)  # ticked after the upload: the clip applies now
         webrtc.stream(ConversationHandler(calls), inputs=[webrtc, *call_inputs.values()], outputs=[webrtc],
-                      concurrency_limit=max_sessions + 4)
-        webrtc.on_additional_outputs(show_update, inputs=[owner],
-                                     outputs=[live, conversation, details, recording, transcript_file],
-                                     queue=True, concurrency_limit=None, show_progress="hidden")
-        webrtc.start_recording(lambda: (gr.update(visible=False), gr.update(visible=False), []),
-                               outputs=[recording, transcript_file, conversation])
-        webrtc.stop_recording(functools.partial(stopped_call_files, service), inputs=[webrtc, owner],
-                              outputs=[recording, transcript_file])
+                      concurrency_limit=max_sessions + MAX_OPENING + SPARE_CONNECTIONS)
+        webrtc.start_recording(lambda: (gr.update(visible=False), gr.update(visible=False)), outputs=[recording, transcript_file])
+        files = {"inputs": [webrtc, owner], "outputs": [recording, transcript_file], "show_progress": "hidden"}
+        webrtc.stop_recording(functools.partial(call_files, service), **files)  # the page stopped the call
+        files_trigger.click(functools.partial(call_files, service), **files)  # the server ended it (web/call_page.js)
         offline_run.click(check_offline_input, inputs=offline_in, outputs=None).success(
             functools.partial(generate_offline, service), inputs=[offline_in, role, voice, custom_voice, consent, *sampling],
-            outputs=[offline_agent, offline_mix, offline_text, offline_files], api_name="generate_offline")
+            outputs=[offline_agent, offline_mix, offline_text, offline_files], api_name="generate_offline",
+            concurrency_limit=offline_runs(max_sessions))  # the rest wait in Gradio's queue, and the page says so
 
         def voices() -> list[dict[str, str]]:
             """The voices of the loaded checkpoint: `name` (what `voice` takes) and `label` (what it sounds like)."""
@@ -532,12 +452,6 @@ def hide_internal_events(demo: gr.Blocks) -> None:
     for fn in demo.fns.values():
         if fn.api_name not in PUBLIC_API:
             fn.show_api = False
-
-
-def idle_html() -> str:
-    return ("<div class='live'><div class='meters'><div class='who'><span class='name'>You</span><span class='meter'><i></i></span>"
-            "<span class='state'>—</span></div><div class='who'><span class='name'>Model</span><span class='meter'><i></i></span>"
-            "<span class='state'>—</span></div></div><div class='verdict waiting'>press “Start the call”</div></div>")
 
 
 def status_markdown(service: Service) -> str:
@@ -595,20 +509,38 @@ def pick_persona(service: Service, personas: dict[str, dict], name: Any, current
     return persona["prompt"], gr.update(value=wanted if wanted in available else current)
 
 
+def in_words(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """A public endpoint's boundary: a `UserError` is said as it is; any other exception is a fault,
+    logged with its traceback and said in one line (never an error without a message)."""
+
+    @functools.wraps(fn)
+    def checked(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error:
+            raise
+        except UserError as exc:
+            raise gr.Error(str(exc), print_exception=False) from exc
+        except Exception as exc:
+            logger.exception("%s failed", fn.__name__)
+            raise gr.Error(f"{fn.__name__.replace('_', ' ')} failed: {short_reason(exc)}", print_exception=False) from exc
+
+    return checked
+
+
+@in_words
 def preview_voice(service: Service, voice: Any, custom_voice: Any = ""):
     """A few seconds of the model greeting you in a voice (made by the model on silence, then cached)."""
-    try:
-        key = voice_key(voice, custom_voice, True)
-        path = service.voice_preview(key)
-    except UserError as exc:
-        raise gr.Error(str(exc), print_exception=False) from exc
+    path = service.voice_preview(voice_key(voice, custom_voice, True))
     return gr.update(value=str(path), visible=True)
 
 
-def upload_voice(service: Service, voice_clip: Any, consent: Any, custom_voice: Any = ""):
-    """A voice clip (uploaded or recorded), checked and encoded, becomes this page's custom voice.
-    Returns a message, the voice's key, the voice list's choice, the clip box and the clip as
-    the model hears it. A rejected clip is cleared from the box; the previous voice is kept."""
+@in_words
+def upload_voice(service: Service, voice_clip: Any, consent: Any, custom_voice: Any = "", page: str = ""):
+    """A voice clip (uploaded or recorded), checked and encoded, becomes this page's custom voice
+    (`page`: the page session, whose own it is). Returns a message, the voice's key, the voice
+    list's choice, the clip box and the clip as the model hears it. A rejected clip is cleared
+    from the box; the previous voice is kept."""
     key = custom_voice if isinstance(custom_voice, str) else ""
     keep = gr.update()
     if not voice_clip or not isinstance(voice_clip, str):
@@ -616,7 +548,7 @@ def upload_voice(service: Service, voice_clip: Any, consent: Any, custom_voice: 
     try:
         if not inputs.flag("the consent box", consent):
             return "⚠ Tick the consent box to use this clip.", key, keep, keep, keep
-        voice = service.add_custom_voice(voice_clip)
+        voice = service.add_custom_voice(voice_clip, page)
     except UserError as exc:
         kept = " The previous custom voice is kept." if key else ""
         return f"⚠ {html.escape(str(exc), quote=False)}.{kept}", key, keep, gr.update(value=None), keep
@@ -650,23 +582,19 @@ def offline_files(service: Service, user: np.ndarray, agent: np.ndarray, transcr
 
 
 @spaces.GPU(duration=120)
+@in_words
 def generate_offline(service: Service, user_audio: Any, role_prompt: Any, voice: Any, custom_voice: Any, consent: Any,
                      text_temperature: Any, text_top_k: Any, audio_temperature: Any, audio_top_k: Any, seed: Any, greedy: Any,
                      progress=gr.Progress()):  # noqa: B008 (Gradio reads it from the signature)
     """The model's side of a recorded conversation: its audio (as long as the input), a stereo mix of
     both sides, the conversation as text, and the three files."""
     check_offline_input(user_audio)
-    try:
-        values = {"role": role_prompt, "voice": voice, "custom_voice": custom_voice, "consent": consent}
-        sampling = (text_temperature, text_top_k, audio_temperature, audio_top_k, seed, greedy)
-        voice, role, params = call_settings({**values, **dict(zip(SAMPLING_NAMES, sampling, strict=True))})
-        pcm = read_audio(user_audio, max_seconds=600)
-        result = service.run_offline(voice, role, params, pcm, lambda done, total: progress(done / total, desc="generating"))
-    except UserError as exc:
-        raise gr.Error(str(exc), print_exception=False) from exc
-    except Exception as exc:  # a fault: logged with its traceback, said in one line on the page
-        logger.exception("offline run failed")
-        raise gr.Error(f"the engine failed: {exc}") from exc
+    values = {"role": role_prompt, "voice": voice, "custom_voice": custom_voice, "consent": consent}
+    sampling = (text_temperature, text_top_k, audio_temperature, audio_top_k, seed, greedy)
+    voice, role, params = call_settings({**values, **dict(zip(SAMPLING_NAMES, sampling, strict=True))})
+    pcm = read_audio(user_audio, max_seconds=600)
+    result = service.run_offline(voice, role, params, pcm, lambda done, total: progress(done / total, desc="generating"),
+                                 waiting=lambda text: progress(0.0, desc=text))
     text = result.transcript.render()
     files = offline_files(service, result.user, result.agent, text)
     return files[0], files[1], text, files
@@ -687,50 +615,6 @@ def turn_configuration():
         logger.warning("no TURN credentials for the server (set the HF_TOKEN secret): %s", exc)
         server = None
     return browser_credentials, server
-
-
-CSS = """
-#status {min-height: 2.5em}
-.dot {display: inline-block; width: 0.7em; height: 0.7em; border-radius: 50%; margin-right: 0.3em}
-.dot.ready {background: #16a34a} .dot.failed {background: #dc2626} .dot.busy {background: #f59e0b}
-.live {display: flex; flex-wrap: wrap; align-items: center; gap: 0.6em 1.2em; padding: 0.4em 0.2em}
-.meters {display: flex; flex-direction: column; gap: 0.3em; flex: 1 1 16em}
-.who {display: flex; align-items: center; gap: 0.6em; font-size: 0.95em}
-.who .name {width: 3.6em; font-weight: 600}
-.who .meter {flex: 1; height: 0.55em; border-radius: 0.3em; background: #e5e7eb; overflow: hidden}
-.who .meter i {display: block; height: 100%; width: 0; background: #9ca3af; transition: width 0.2s}
-.who.speaking .meter i {background: #6366f1}
-.who .state {width: 5.5em; color: #6b7280; font-size: 0.85em}
-.who.speaking .state {color: #4338ca; font-weight: 600}
-.verdict {padding: 0.25em 0.8em; border-radius: 1em; font-weight: 600; font-size: 0.9em; white-space: nowrap}
-.verdict.ok {background: #dcfce7; color: #166534} .verdict.behind {background: #fef3c7; color: #92400e}
-.verdict.dropping {background: #fee2e2; color: #991b1b} .verdict.waiting {background: #f3f4f6; color: #4b5563}
-.live .warn {flex-basis: 100%; margin: 0}
-.details td {padding: 2px 10px 2px 0; font-size: 0.9em}
-.warn {color: #b45309; font-weight: 600}
-.hint {color: #6b7280; font-size: 0.9em}
-#webrtc div[title='grant webcam access'] {max-height: 8em}
-#webrtc div[title='grant webcam access'] .wrap {font-size: 0; min-height: 0; height: 100%}
-#webrtc div[title='grant webcam access'] .wrap > * {font-size: var(--text-lg)}
-#webrtc div[title='grant webcam access'] .wrap::after {content: "Start the call"; font-size: var(--text-lg)}
-"""
-
-
-# fastrtc first shows a tile that only asks for the microphone, then its start button: the tile
-# is labelled as the start button, and once the microphone is granted the call starts by itself.
-ONE_CLICK_START = """
-() => {
-  document.addEventListener("click", (event) => {
-    if (!event.target.closest("#webrtc div[title='grant webcam access'] button")) return;
-    const since = Date.now();
-    const poll = setInterval(() => {
-      const start = document.querySelector("#webrtc button[aria-label='start stream']");
-      if (start) { clearInterval(poll); start.click(); }
-      else if (Date.now() - since > 20000) clearInterval(poll);  // the microphone was refused
-    }, 100);
-  }, true);
-}
-"""
 
 
 def env(name: str, default: str | None = None) -> str | None:
@@ -763,15 +647,23 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="The '(theme|css|js)' parameter in the Blocks constructor")
     warnings.filterwarnings("ignore", message="The 'show_copy_all_button' parameter")  # Gradio 6 renames these
     warnings.filterwarnings("ignore", message="The 'show_api' parameter in event listeners")  # Gradio 6 renames it
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))  # a stopped server deletes its files on the way out
     args = parse_args(argv)
+    os.umask(0o077)  # what the app writes (recordings, uploads, Gradio's copies) is its own: folders 0700, files 0600
     service = Service(Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions))
+    # A stopped server ends its calls, stops the engine thread (exiting under a running torch op
+    # aborts the process) and deletes its files on the way out.
+    signal.signal(signal.SIGTERM, lambda *_: (service.stop(), sys.exit(0)))
     service.start()
     limits = Limits(time_limit_s=args.time_limit or None, idle_timeout_s=args.idle_timeout)
     demo = build_ui(service, limits, args.max_sessions or 64)
-    demo.queue(default_concurrency_limit=8).launch(
+    demo.queue(default_concurrency_limit=8)
+    forget_finished_events(demo)
+    explain_refusals(demo)
+    doors = Middleware(RequestLimits, limits=RequestSizes(trust_proxy=bool(os.environ.get("SPACE_ID"))),
+                       upload_dir=lambda: Path(gradio_upload_folder()))
+    demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size="100mb", quiet=True,
-        prevent_thread_lock=True,
+        prevent_thread_lock=True, state_session_capacity=SESSIONS_KEPT, app_kwargs={"middleware": [doors]},
     )
     logger.info("%s: open %s in a browser", PAGE_UP, demo.local_url)
     if args.share:

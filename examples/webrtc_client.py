@@ -8,7 +8,8 @@ page: the app gives this page session its token there), sends an SDP offer throu
 component server, answers the app's "send_input" request with the persona settings, streams the
 wav as the microphone (20 ms Opus frames, in real time, then silence), records what comes back,
 and follows what the page shows (who is speaking, the conversation turn by turn, the call's
-figures, and after the call the recording's link) through Gradio's event stream. The call ends
+figures) from the app's messages on the call's data channel; after the call it asks for the
+recording's link as the page does. The call ends
 after `--seconds` or when the app ends it (time limit, refusal...): a refused call (an unknown
 voice, a busy server...) exits with status 2 and the app's message. Needs aiortc and httpx (both
 come with fastrtc).
@@ -33,6 +34,7 @@ from av import AudioFrame
 
 RATE = 48_000
 PTIME = 960  # 20 ms at 48 kHz
+UPDATE = "personaplex"  # the app's messages on the call's data channel: what the page shows of the call
 
 
 class FileTrack(MediaStreamTrack):
@@ -93,36 +95,15 @@ class CallResult:
         return "".join(f"{speaker.get(m['role'], m['role'])}: {html.unescape(m['content'])}\n" for m in self.conversation)
 
 
-def _patch(state: object, diff: object) -> object:
-    """Apply one Gradio streaming output to the last one: a full value, or a list of diff
-    operations ["replace"|"add"|"append"|"delete", path, value] on it (gradio.utils.diff: "add"
-    inserts into a list or a dict, "delete" removes, "append" extends a string)."""
-    if not isinstance(diff, list) or not all(isinstance(d, list) and len(d) == 3 for d in diff):
-        return diff
-    for op, path, item in diff:
-        if not path:
-            state = state + item if op == "append" else (None if op == "delete" else item)
-            continue
-        target = state
-        for key in path[:-1]:
-            target = target[key]  # type: ignore[index]
-        key = path[-1]
-        if op == "append":
-            target[key] += item  # type: ignore[index]
-        elif op == "delete":
-            del target[key]  # type: ignore[union-attr]
-        elif op == "add" and isinstance(target, list):
-            target.insert(key, item)
-        else:
-            target[key] = item  # type: ignore[index]
-    return state
-
-
-def _value(state: object, previous: object) -> object:
-    """What a component shows: an update without a value leaves it as it was."""
-    if isinstance(state, dict) and state.get("__type__") == "update":
-        return state.get("value", previous)
-    return state
+def _apply(result: CallResult, turns: dict[str, tuple[float, dict]], data: dict) -> None:
+    """One update of the page's view of the call (its data-channel message "personaplex"): the
+    live view, the figures, the turns that changed (keyed by speaker and start) and the ending."""
+    result.live = str(data.get("live", result.live))
+    result.details = str(data.get("details", result.details))
+    for key, role, text in data.get("turns", []):
+        turns[key] = (float(key[1:]), {"role": "assistant" if role == "bot" else "user", "content": text})
+    result.conversation = [message for _, message in sorted(turns.values(), key=lambda t: t[0])]
+    result.output_updates += 1
 
 
 def _file_url(url: str, value: object) -> str | None:
@@ -145,7 +126,6 @@ class Page:
         self.webrtc = next(c["id"] for c in components if c.get("type") == "webrtc")
         deps = config["dependencies"]
         self.tick = next(d for d in deps if [self.webrtc, "tick"] in d["targets"])
-        self.state_change = next(d for d in deps if [self.webrtc, "state_change"] in d["targets"])
         self.load = [d for d in deps if any(target[1] == "load" for target in d["targets"])]
         self.stop = next((d for d in deps if [self.webrtc, "stop_recording"] in d["targets"]), None)
         self.values = {c["id"]: c.get("props", {}).get("value") for c in components}
@@ -160,40 +140,6 @@ class Page:
             else:
                 data.append(overrides.get(ids.get(cid, ""), self.values.get(cid)))
         return data
-
-
-async def _follow_outputs(client: httpx.AsyncClient, url: str, session: str, page: Page, event_id: str,
-                          result: CallResult, stop: asyncio.Event) -> None:
-    """Read Gradio's event stream for this session and keep the latest outputs of the page's
-    call-update event (by elem_id: live, conversation, details, recording, transcript_file)."""
-    names = [page.elem_ids.get(cid) for cid in page.state_change["outputs"]]
-    states: dict[str | None, object] = dict.fromkeys(names)
-    while not stop.is_set():
-        try:
-            async with client.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=None) as r:
-                async for line in r.aiter_lines():
-                    if not line.startswith("data:"):
-                        continue
-                    msg = json.loads(line[5:])
-                    data = msg.get("output", {}).get("data") if msg.get("event_id") == event_id else None
-                    if msg.get("msg") in ("process_generating", "process_completed") and data:
-                        try:
-                            for name, new in zip(names, data):
-                                states[name] = _patch(states[name], new)
-                        except (KeyError, IndexError, TypeError) as exc:  # keep reading: the next full value mends it
-                            result.output_errors.append(f"{type(exc).__name__}: {exc}")
-                            continue
-                        result.live = str(_value(states.get("live"), result.live) or "")
-                        result.conversation = list(_value(states.get("conversation"), result.conversation) or [])
-                        result.details = str(_value(states.get("details"), result.details) or "")
-                        result.recording_url = _file_url(url, states.get("recording")) or result.recording_url
-                        result.transcript_url = _file_url(url, states.get("transcript_file")) or result.transcript_url
-                        result.output_updates += 1
-                    if stop.is_set():
-                        return
-        except (httpx.HTTPError, json.JSONDecodeError):
-            pass
-        await asyncio.sleep(0.2)
 
 
 async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings: dict[str, object] | None = None,
@@ -212,7 +158,7 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
     result = result or CallResult(audio=np.zeros(0, dtype=np.float32))
     result.webrtc_id = webrtc_id
     received: list[np.ndarray] = []
-    stop = asyncio.Event()
+    turns: dict[str, tuple[float, dict]] = {}
     started = time.monotonic()
     ended = asyncio.Event()
     async with httpx.AsyncClient(timeout=30) as client:
@@ -234,6 +180,9 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
         @channel.on("message")
         def on_message(message: str) -> None:
             event = json.loads(message)
+            if event.get("type") == UPDATE:
+                _apply(result, turns, event.get("data") or {})
+                return
             result.events.append(event)
             if event.get("type") == "send_input" and answer_settings:
                 tasks.append(asyncio.ensure_future(join(page.tick)))
@@ -241,11 +190,6 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
                 result.ended = str(event.get("data"))
                 if not broken:
                     ended.set()
-            elif event.get("type") == "fetch_output" and not any(e.get("type") == "fetch_output" for e in result.events[:-1]):
-                async def outputs() -> None:
-                    event_id = await join(page.state_change)
-                    await _follow_outputs(client, url, session, page, event_id, result, stop)
-                tasks.append(asyncio.ensure_future(outputs()))
 
         @pc.on("connectionstatechange")
         def on_state() -> None:
@@ -278,20 +222,20 @@ async def converse(url: str, user_pcm_48k: np.ndarray, seconds: float, settings:
         answer = (await client.post(f"{url}/gradio_api/component_server/", json=body)).json()
         if "sdp" not in answer:
             await pc.close()
-            raise RuntimeError(f"the app refused the call: {answer}")
+            meta = answer.get("meta", {}) if isinstance(answer, dict) else {}
+            raise RuntimeError(f"the app refused the call: {meta.get('message') or answer}")
         await pc.setRemoteDescription(RTCSessionDescription(sdp=answer["sdp"], type=answer["type"]))
         try:
             await asyncio.wait_for(ended.wait(), max(0.0, started + seconds - time.monotonic()))
             await asyncio.sleep(0.5)  # the last captions and the recording's link are on their way
         except TimeoutError:
             pass
-        stop.set()
         hanging_up = True
         await pc.close()
         for task in tasks:
             task.cancel()
-        if result.ended is None and page.stop is not None:  # we hung up: ask for the files, as the page's stop button does
-            await _stopped_call_files(client, url, page, session, webrtc_id, result)
+        if page.stop is not None:  # ask for the files, as the page does once a call is over
+            await _call_files(client, url, page, session, webrtc_id, result)
     result.audio = np.concatenate(received) if received else result.audio
     return result
 
@@ -312,18 +256,20 @@ async def _load_page(client: httpx.AsyncClient, url: str, page: Page, session: s
                     return
 
 
-async def _stopped_call_files(client: httpx.AsyncClient, url: str, page: Page, session: str, webrtc_id: str,
+async def _call_files(client: httpx.AsyncClient, url: str, page: Page, session: str, webrtc_id: str,
                               result: CallResult) -> None:
     assert page.stop is not None
     body = {"data": page.inputs(page.stop, webrtc_id, {}), "fn_index": page.stop["id"], "session_hash": session,
             "trigger_id": page.webrtc, "event_data": None}
-    (await client.post(f"{url}/gradio_api/queue/join", json=body)).raise_for_status()
+    joined = await client.post(f"{url}/gradio_api/queue/join", json=body)
+    joined.raise_for_status()
+    event_id = joined.json()["event_id"]
     async with client.stream("GET", f"{url}/gradio_api/queue/data", params={"session_hash": session}, timeout=15) as r:
         async for line in r.aiter_lines():
             if not line.startswith("data:"):
                 continue
             msg = json.loads(line[5:])
-            if msg.get("msg") == "process_completed":
+            if msg.get("msg") == "process_completed" and msg.get("event_id") == event_id:  # not the settings' event
                 recording, transcript = [*msg.get("output", {}).get("data", []), None, None][:2]
                 result.recording_url = _file_url(url, recording)
                 result.transcript_url = _file_url(url, transcript)

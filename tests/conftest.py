@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 from personaplex.config import TINY
 from personaplex.loading import Models, load_models, resolve_checkpoint
 
-from .helpers import CHECKPOINT, TINY_DIR, RunningApp
+from .helpers import CHECKPOINT, ROOT, TINY_DIR, RunningApp, load_client
 
 torch.set_num_threads(1)  # small tensors: one thread is faster and timing-stable on 2 cores
 
@@ -55,3 +55,15 @@ def running_app():
         yield app
     finally:
         app.stop()
+
+
+@pytest.fixture(scope="session")
+def client():
+    """The WebRTC client of examples/ (the browser's exact signalling)."""
+    return load_client()
+
+
+@pytest.fixture(scope="session")
+def speech(client):
+    """Real speech at 48 kHz, as a microphone sends it."""
+    return client.load_48k(str(ROOT / "examples" / "user_question.wav"))

@@ -70,6 +70,18 @@ def user_audio(frames: int, seed: int):
     return [pcm[i * FRAME_SIZE : (i + 1) * FRAME_SIZE] for i in range(frames)]
 
 
+def load_client():
+    """examples/webrtc_client.py as a module: the browser's signalling, from Python."""
+    import importlib.util
+    import sys
+
+    spec = importlib.util.spec_from_file_location("webrtc_client", ROOT / "examples" / "webrtc_client.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look themselves up there
+    spec.loader.exec_module(module)
+    return module
+
+
 def copy_checkpoint(dst: Path, skip: tuple[str, ...] = ()) -> Path:
     """The tiny checkpoint copied to `dst`, without the files named in `skip`."""
     dst.mkdir(parents=True, exist_ok=True)
@@ -103,7 +115,7 @@ def free_port() -> int:
 class RunningApp:
     """`python app.py` on the tiny checkpoint, in a subprocess, as the README starts it."""
 
-    def __init__(self, *extra: str) -> None:
+    def __init__(self, *extra: str, max_sessions: int = 2, env: dict[str, str] | None = None) -> None:
         import os
         import subprocess
         import sys
@@ -113,8 +125,8 @@ class RunningApp:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
         args = [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(CHECKPOINT), "--config", str(TINY_CONFIG),
-                "--device", "cpu", "--port", str(self.port), "--max-sessions", "2", *extra]
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+                "--device", "cpu", "--port", str(self.port), "--max-sessions", str(max_sessions), *extra]
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
 
     def wait_ready(self, timeout: float = 120.0) -> None:
@@ -129,6 +141,13 @@ class RunningApp:
                 break
             time.sleep(0.3)
         raise AssertionError(f"the app did not become ready:\n{self.output()[-3000:]}")
+
+    def rss_mb(self) -> float:
+        """The server's resident memory now."""
+        for line in Path(f"/proc/{self.process.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        raise AssertionError("no VmRSS")
 
     def output(self) -> str:
         self.log.flush()

@@ -160,7 +160,11 @@ def test_a_conversation_in_the_browser(running_app, files):
             expect(page.locator("#status")).to_contain_text(re.compile("1 of 2 conversations in progress"))
             expect(page.locator("#mute")).to_contain_text("Mute my microphone")
             page.screenshot(path=str(ARTIFACTS / "conversation.png"), full_page=True)
-            button.click()
+            button.click()  # the call ends here, and the page says so: nothing stays live
+            expect(page.locator("#live .verdict")).to_have_text("ended")
+            expect(page.locator("#live [data-ending='stopped']")).to_contain_text("You ended the call.")
+            expect(page.locator("#live .who.speaking")).to_have_count(0)
+            expect(page.locator("#details")).to_contain_text("closed; the call is ended")
             link = page.locator("#recording a")
             expect(link).to_have_attribute("href", re.compile(r"call\.wav$"), timeout=10_000)
             expect(page.locator("#transcript_file a")).to_have_attribute("href", re.compile(r"transcript\.txt$"))
@@ -169,6 +173,9 @@ def test_a_conversation_in_the_browser(running_app, files):
                 assert w.getnchannels() == 2 and w.getframerate() == 24000 and w.getnframes() > 24000
             transcript = page.request.get(page.locator("#transcript_file a").get_attribute("href")).text()
             assert re.match(r"\[0:0\d\] (You|Model): ", transcript) and "<s>" not in transcript
+            page.wait_for_timeout(1500)  # still ended a moment later (a late update does not bring the call back)
+            expect(page.locator("#live .verdict")).to_have_text("ended")
+            page.screenshot(path=str(ARTIFACTS / "after-the-call.png"), full_page=True)
         finally:
             ctx.close()
             shutil.rmtree(profile, ignore_errors=True)

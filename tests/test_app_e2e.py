@@ -6,7 +6,6 @@ and another page asking for someone's recording."""
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import io
 import secrets
 import sys
@@ -20,24 +19,6 @@ import pytest
 from .helpers import ROOT
 
 CALL_S = 20.0
-
-
-def load_client():
-    spec = importlib.util.spec_from_file_location("webrtc_client", ROOT / "examples" / "webrtc_client.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look themselves up there
-    spec.loader.exec_module(module)
-    return module
-
-
-@pytest.fixture(scope="module")
-def client():
-    return load_client()
-
-
-@pytest.fixture(scope="module")
-def speech(client):
-    return client.load_48k(str(ROOT / "examples" / "user_question.wav"))
 
 
 def test_a_call_over_webrtc_gets_audio_a_transcript_and_a_recording_as_long_as_the_call(running_app, client, speech):
@@ -123,7 +104,7 @@ def test_another_page_cannot_fetch_a_calls_recording(running_app, client, speech
             if load_page:
                 await client._load_page(http, running_app.url, page, session)
             stolen = client.CallResult(audio=np.zeros(0))
-            await client._stopped_call_files(http, running_app.url, page, session, call_id, stolen)
+            await client._call_files(http, running_app.url, page, session, call_id, stolen)
             return stolen
 
     for load_page in (True, False):
@@ -139,22 +120,3 @@ def test_the_client_exits_non_zero_with_the_apps_message_when_a_call_is_refused(
                           "--voice", "NATF2", "--seconds", "5"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "unknown voice 'NATF2'; this checkpoint has: TESTV0" in run.stderr, run.stderr
     assert not (tmp_path / "reply.wav").exists()
-
-
-def test_the_client_follows_gradios_streaming_diffs_of_the_conversation(client):
-    import copy
-    import random
-
-    from gradio.utils import diff
-
-    rng = random.Random(0)
-    old: list[dict] = []
-    for _ in range(300):  # turns appear, grow and scroll out of the live window
-        new = copy.deepcopy(old)
-        if new and rng.random() < 0.6:
-            new[-1]["content"] += " word"
-        elif rng.random() < 0.7:
-            new.append({"role": rng.choice(["user", "assistant"]), "content": "0:01 · hi"})
-        new = new[-5:]
-        assert client._patch(copy.deepcopy(old), diff(old, new)) == new
-        old = new
