@@ -16,7 +16,7 @@ each real-time session shifts its framing once so that its frames are complete j
 the grid points (`Session`), so no session waits for another; a call that is alone moves the
 grid to its own frames. A session whose frame is late
 hears silence for that tick; nobody waits for it. With only sessions fed from a recording
-(offline runs, voice previews), ticks run back to back. A job's pieces run in the time left
+(offline runs, voice previews), ticks run back to back, a job's piece after each. A job's pieces run in the time left
 before the next tick; one piece always runs after a tick (and after a period without one), so a
 job moves on even when no piece fits. The worker also ends sessions whose client went quiet or whose time is up
 (`Session.check_limits`), so a vanished consumer cannot keep a slot.
@@ -203,10 +203,12 @@ class EngineWorker:
                 live = [s for s in self._sessions.values() if s.phase is Phase.LIVE]
                 realtime = any(s.limits.realtime for s in live)
                 pending = any(s._input_state(now) is not None for s in live)
+                job = next((j for j in self._jobs if j.urgent), self._jobs[0] if self._jobs else None)
+                if pending and not realtime and job is not None and self._pieces_since_tick == 0:
+                    return _Plan(job=job)  # recordings tick back to back, but a joining call's prompt goes on between
                 if pending and (not realtime or now >= self._due):
                     return _Plan(live=live)
                 next_tick = self._next_tick(now, pending) if realtime else (now if pending else float("inf"))
-                job = next((j for j in self._jobs if j.urgent), self._jobs[0] if self._jobs else None)
                 if job is not None and (self._pieces_since_tick == 0 or now - self._last_tick >= self.grid.period_s
                                         or now + job.piece_s <= next_tick - PIECE_GUARD_S):
                     return _Plan(job=job)

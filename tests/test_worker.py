@@ -290,3 +290,20 @@ def test_a_free_slot_in_the_bucket_is_parked_its_attention_window_left_empty(mod
         assert offsets[3] == 0 and min(offsets[:3]) > 5  # prompt and frames in; the free slot holds nothing
     finally:
         worker.stop()
+
+
+def test_a_call_joining_while_a_recording_runs_goes_live_at_once(worker):
+    """A recording ticks back to back; a joining call's prompt still runs between two of its
+    ticks, instead of waiting for the whole recording (minutes of silence for the caller)."""
+    recording = open_session(worker, "", OFFLINE)
+    recording.push(np.concatenate([f.numpy() for f in user_audio(1500, seed=3)]), final=True)  # 2 minutes
+    assert recording.next(10.0) is not None  # it runs
+    call = open_session(worker, "You enjoy having a good conversation.")
+    started = time.monotonic()
+    while call.phase is Phase.STARTING and time.monotonic() - started < 10:
+        call.push(np.zeros(FRAME_SIZE, dtype=np.float32))
+        time.sleep(0.02)
+    assert call.phase is Phase.LIVE and time.monotonic() - started < 3.0
+    assert recording.stats.frames_out < 1500  # long before the recording was done
+    recording.end("stopped", "done")
+    call.end("stopped", "done")
