@@ -52,7 +52,9 @@ def test_the_queue_forgets_the_events_it_has_run(demo):
     deadline = time.monotonic() + 5
     while demo._queue.event_ids_to_events and time.monotonic() < deadline:
         time.sleep(0.05)
-    assert demo._queue.event_ids_to_events == {} and demo._queue.event_analytics == {}
+    queue = demo._queue
+    assert queue.event_ids_to_events == {} and queue.event_analytics == {}
+    assert len(queue._asyncio_tasks) <= 1 and not queue.server_app.iterators_to_reset  # (the last one's own task)
 
 
 def test_a_request_gradio_cannot_read_gets_a_message_and_no_traceback(demo, caplog, capfd):

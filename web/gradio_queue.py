@@ -2,8 +2,9 @@
 
 Implements:
   * `forget_finished_events`: Gradio's queue keeps every event it ever ran, with its request and
-    its values (`Queue.event_ids_to_events`, `Queue.event_analytics`: nothing removes them), and
-    after every event it summarises all of them with pandas. Memory grew by what each request
+    its values (`Queue.event_ids_to_events`, `Queue.event_analytics`, the finished task of each
+    in `Queue._asyncio_tasks`, its id in `App.iterators_to_reset`: nothing removes them), and after every event it summarises
+    all of them with pandas. Memory grew by what each request
     carried (20 MB per 10 MB request, 20 KB per status tick of an open page) and never came back.
     Here, once an event is done, the events that are neither waiting nor running are dropped;
   * `explain_refusals`: an exception raised while Gradio itself reads a client's values (a file
@@ -48,6 +49,9 @@ def _forget(queue: Any) -> None:
     for books in (queue.event_ids_to_events, queue.event_analytics):
         for event_id in [e for e in books if e not in alive]:
             del books[event_id]
+    queue._asyncio_tasks[:] = [task for task in queue._asyncio_tasks if not task.done()]  # each held its event
+    if queue.server_app is not None:  # ids of finished events, marked "reset" for good
+        queue.server_app.iterators_to_reset.intersection_update(alive)
 
 
 def explain_refusals(demo: gr.Blocks) -> None:
