@@ -11,7 +11,8 @@ Implements `RequestLimits`, an ASGI middleware in front of the whole app:
     proxy saw;
   * a POST to these routes must declare its length (411 otherwise), and may not send more than
     it declared: the limits are checked before anything is read.
-Each refusal is a JSON `{"detail": message}` that says what to do, as Gradio's own are.
+Each refusal is a JSON `{"detail": message}` that says what to do, as Gradio's own are; the
+refused body is read and dropped (up to `DRAIN_BYTES`), so that the client gets to read it.
 """
 
 from __future__ import annotations
@@ -37,6 +38,7 @@ ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
 UPLOAD_ROUTES = ("/upload", "/process_recording")
 MB = 1024 * 1024
+DRAIN_BYTES = 128 * MB  # of a refused body, read and dropped so that the client reads the refusal
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,7 @@ class RequestLimits:
         except Refused as refused:
             logger.info("refused %s %s from %s: %s", scope.get("method"), scope.get("path"), client_of(scope, False),
                         refused.message)
+            await _drain(receive)
             await _refuse(send, refused)
             return
         await self.app(scope, _at_most(receive, declared), send)
@@ -162,6 +165,17 @@ def _at_most(receive: Receive, declared: int) -> Receive:
         return message
 
     return bounded
+
+
+async def _drain(receive: Receive) -> None:
+    """Read a refused body and drop it (nothing is kept): a server that closes while the client
+    still sends gets its answer lost in a reset; a body over `DRAIN_BYTES` is cut off instead."""
+    seen = 0
+    while seen <= DRAIN_BYTES:
+        message = await receive()
+        if message["type"] != "http.request" or not message.get("more_body"):
+            return
+        seen += len(message.get("body", b""))
 
 
 async def _refuse(send: Send, refused: Refused) -> None:
