@@ -420,8 +420,10 @@ class Service:
             while len(agent) < total:
                 out = session.next(0.5)
                 if out is None:
-                    if session.ending is not None:
+                    if session.ending is not None and session.ending.reason == "error":
                         raise RuntimeError(session.ending.message)
+                    if session.ending is not None:  # the server is shutting down: said, not a fault
+                        raise UserError(f"the run was stopped: {session.ending.message}")
                     continue
                 agent.append(out.pcm)
                 transcript.add(out.index * FRAME_S, out.text, level_db(out.user))
