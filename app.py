@@ -322,7 +322,6 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
                    delete_cache=(600, 3600)) as demo:
         owner = gr.State(None)  # this page's token, made when the page loads; never sent to the browser
         custom_voice = gr.State("")  # this page's uploaded voice (the service's key)
-        shown_voices = gr.State(None)  # the voice list this page shows (it changes once, after loading)
         gr.Markdown("# PersonaPlex Live\nTalk with NVIDIA PersonaPlex-7B: it listens while it speaks, you can interrupt, and you choose who it is and how it sounds.")
         status = gr.Markdown(status_markdown(service), elem_id="status")
         with gr.Row(equal_height=False):
@@ -426,8 +425,10 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
 
         gr.api(voices, api_name="voices")
         gr.api(persona_presets, api_name="personas")
-        timer = gr.Timer(STATUS_EVERY_S)
-        timer.tick(functools.partial(poll_status, service), inputs=[voice, shown_voices], outputs=[status, voice, shown_voices])
+        gr.Timer(STATUS_EVERY_S).tick(functools.partial(status_markdown, service), outputs=status, show_progress="hidden")
+        voices_timer = gr.Timer(STATUS_EVERY_S, active=not service.status.ready)
+        voices_timer.tick(functools.partial(checkpoint_voices, service), inputs=voice, outputs=[voice, voices_timer],
+                          show_progress="hidden")
         hide_internal_events(demo)
     service.when_ready(functools.partial(publish_checkpoint_voices, demo, voice, service))
     return demo
@@ -483,13 +484,15 @@ def status_markdown(service: Service) -> str:
     return text
 
 
-def poll_status(service: Service, current: Any, shown: Any):
-    """The status line, and once loaded the checkpoint's own voice list (sent once per page)."""
-    voices = service.voice_names() or RELEASE_VOICES
-    if shown == voices:
-        return status_markdown(service), gr.update(), shown
+def checkpoint_voices(service: Service, current: Any):
+    """A page opened before the model was ready: once it is, the checkpoint's own voice list,
+    and its timer stops. (Each update of a component makes Gradio keep one more copy of it in
+    the page's session, so nothing that ticks for the page's whole life may send one.)"""
+    if not service.status.ready:
+        return gr.skip(), gr.skip()
+    voices = service.voice_names()
     value = current if current in voices or current == CUSTOM_VOICE else voices[0]
-    return status_markdown(service), gr.update(choices=voice_choices(voices), value=value), voices
+    return gr.update(choices=voice_choices(voices), value=value), gr.Timer(active=False)
 
 
 def role_counter(text: str | None) -> str:
