@@ -421,3 +421,25 @@ def test_as_many_calls_as_the_engine_holds_each_get_their_pages_updates():
     for updates, _, ending in results:
         assert ending.reason == "stopped" and any("class='verdict ok'" in u["live"] or "verdict behind" in u["live"]
                                                   or "verdict dropping" in u["live"] for u in updates)
+
+
+def test_a_channel_that_refuses_the_ending_does_not_keep_the_connection_open(service):
+    """A message the data channel will not take (it closed, or the message is too large) must not
+    stop the app from closing the connection: a connection left open keeps its place."""
+
+    class Refusing(FakeChannel):
+        def send(self, message: str) -> None:
+            raise ValueError("Data must be at most 262144 bytes")
+
+    async def scenario():
+        handler = make_handler(service, call_id="refusing", voice="V" * 65)  # refused: the name is too long
+        handler.set_channel(Refusing())
+        await handler.start_up()
+        for _ in range(20):
+            await handler.emit()
+        await asyncio.sleep(app.END_STREAM_DELAY_S + app.CLOSE_DELAY_S + 0.3)
+        return handler
+
+    handler = asyncio.run(scenario())
+    assert "at most 64 are accepted" in handler.session.ending.message and len(handler.session.ending.message) < 100
+    assert "refusing" in handler.calls.connections.closed
