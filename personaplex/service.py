@@ -173,7 +173,10 @@ class Service:
             self.config = load_config(s.config) if s.config else PERSONAPLEX_7B
             dtype = self._check_room()
             source = s.checkpoint or s.hf_repo or "nvidia/personaplex-7b-v1"
-            self._set(State.DOWNLOADING, f"fetching the weights of {source} (about 17 GB the first time)" if not s.checkpoint else f"reading {source}")
+            if s.checkpoint:
+                self._set(State.LOADING, f"reading the checkpoint in {source}")
+            else:
+                self._set(State.DOWNLOADING, f"fetching the weights of {source} (about 17 GB the first time)")
             files = resolve_checkpoint(s.checkpoint, s.hf_repo)
             self._set(State.LOADING, f"loading the model onto {self.device}")
             if self.device.type == "cpu":
@@ -299,6 +302,8 @@ class Service:
         can neither use it nor find out, by uploading the same clip, that it was uploaded."""
         engine, worker = self._require_ready()
         path = Path(path)
+        if not path.is_file():  # a client named an upload that is not (or no longer) on the server
+            raise AudioError(f"{path.name}: the clip is not on the server (any more): upload it again")
         if path.stat().st_size > MAX_UPLOAD_BYTES:
             raise AudioError(f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB: upload a short clip of speech")
         data = path.read_bytes()
