@@ -67,3 +67,24 @@ def test_a_request_gradio_cannot_read_gets_a_message_and_no_traceback(demo, capl
     assert len(not_a_number["output"]["error"]) <= 230
     assert "Traceback" not in capfd.readouterr().err
     assert sum("refused a request" in r.message for r in caplog.records) == 2
+
+
+def test_the_queue_makes_no_summary_of_events_it_has_forgotten(demo, capfd):
+    """Gradio summarised the kept events in a worker thread after each one; with the books emptied
+    meanwhile it failed (KeyError 'function', "Task exception was never retrieved")."""
+    for _ in range(20):
+        run(demo, "echo", ["abc"])
+    time.sleep(0.5)
+    assert "Traceback" not in capfd.readouterr().err
+
+
+def test_the_component_servers_debug_line_is_not_printed(capsys, caplog):
+    import gradio.routes
+
+    from web.gradio_queue import quiet_component_server
+
+    quiet_component_server()
+    with caplog.at_level(logging.INFO, logger="web.gradio_queue"):
+        gradio.routes.print("content_type", "application/json")
+        gradio.routes.print("Error cleaning up file x")
+    assert capsys.readouterr().out == "" and [r.message for r in caplog.records] == ["gradio: Error cleaning up file x"]
