@@ -25,15 +25,17 @@ import re
 import secrets
 import signal
 import sys
+import typing
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, TypedDict
 
 import gradio as gr
 import numpy as np
 import spaces
+import torch
 from fastrtc import AsyncStreamHandler, WebRTC
 from fastrtc.utils import create_message, get_current_context
 from gradio.utils import get_upload_folder as gradio_upload_folder
@@ -51,13 +53,21 @@ from personaplex.transcript import clock_text
 from web import call_page
 from web.call_page import CAPTION_TURNS, MESSAGE_TYPE, CallFigures, CallPage, idle_html
 from web.connections import MAX_OPENING, CallConnections
-from web.gradio_queue import explain_refusals, forget_finished_events, short_reason
+from web.gradio_queue import explain_refusals, forget_finished_events, quiet_component_server, short_reason
 from web.limits import Limits as RequestSizes
 from web.limits import RequestLimits
 
 logger = logging.getLogger("personaplex.app")
 
 ASSETS = Path(__file__).parent / "assets"
+TINY_CHECKPOINT = Path(__file__).parent / "tests" / "fixtures" / "tiny" / "checkpoint"  # the release format, random weights
+TINY_BANNER = (
+    "<div class='banner'><b>This is the tiny test model, not PersonaPlex-7B.</b> No CUDA GPU was found, so the page "
+    "runs the tiny random-weight model the tests use: it babbles (in real time on a CPU), to show how the page works. "
+    "The real model needs a CUDA GPU with 24 GB or more; to choose a model yourself, start the app with "
+    "<code>--checkpoint DIR</code>, <code>--hf-repo REPO</code> or <code>--device cpu</code> (the 7B, far slower than "
+    "real time).</div>"
+)
 RELEASE_VOICES = [f"NAT{g}{i}" for g in "FM" for i in range(4)] + [f"VAR{g}{i}" for g in "FM" for i in range(5)]
 CUSTOM_VOICE = "Custom voice (uploaded)"
 MAX_NAME_CHARS = 64  # of a voice's name, as a client sends it
@@ -127,6 +137,12 @@ def as_sent(component: gr.components.Component) -> gr.components.Component:
     come. (An instance attribute, not a subclass: Gradio writes a .pyi file next to the module
     of every Component subclass.)"""
     component.preprocess = lambda payload: payload  # type: ignore[method-assign]
+    return component
+
+
+def whole_number(component: gr.components.Component) -> gr.components.Component:
+    """A slider of whole numbers, typed so in the API (Gradio's slider says "number": a float)."""
+    component.api_info = lambda: {"type": "integer"}  # type: ignore[method-assign]
     return component
 
 
@@ -311,7 +327,7 @@ def call_files(service: Service, webrtc_value: Any, owner: Any):
 
 
 # --- the page --------------------------------------------------------------------------------
-def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
+def build_ui(service: Service, limits: Limits, max_sessions: int, banner: str = "") -> gr.Blocks:
     personas, default = load_personas()
     calls = Calls(service, limits)
     rtc, server_rtc = turn_configuration()
@@ -322,11 +338,16 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
                    delete_cache=(600, 3600)) as demo:
         owner = gr.State(None)  # this page's token, made when the page loads; never sent to the browser
         custom_voice = gr.State("")  # this page's uploaded voice (the service's key)
+        custom_heard = gr.State(None)  # that voice as the model hears it (a file), to show again
+        upload_outcome = gr.State("")  # what the last clip did: the page follows it up (`show_upload`)
         gr.Markdown("# PersonaPlex Live\nTalk with NVIDIA PersonaPlex-7B: it listens while it speaks, you can interrupt, and you choose who it is and how it sounds.")
+        if banner:
+            gr.Markdown(banner, elem_id="banner")
         status = gr.Markdown(status_markdown(service), elem_id="status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=340):
                 with gr.Tab("Live conversation"):
+                    summary = gr.HTML(persona_summary(default, personas[default].get("voice", "NATF2")), elem_id="summary")
                     webrtc = WebRTC(label="Call", modality="audio", mode="send-receive", full_screen=False,
                                     button_labels={"start": "Start the call", "stop": "End the call", "waiting": "Connecting…"},
                                     rtc_configuration=rtc, server_rtc_configuration=server_rtc, elem_id="webrtc")
@@ -351,7 +372,9 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
                     offline_mix = gr.Audio(label="Both sides (stereo)", type="filepath", elem_id="offline_mix")
                     offline_text = gr.Textbox(label="The conversation", lines=4, interactive=False, elem_id="offline_text")
                     offline_files = gr.File(label="Downloads", file_count="multiple", elem_id="offline_files")
-            with gr.Column(scale=2, min_width=300):
+            with gr.Column(scale=2, min_width=300, elem_id="settings"):
+                gr.HTML("<p class='in-call-note'>This call keeps the persona, voice and settings it started with: "
+                        "end it to change them for the next one.</p>", elem_id="settings_note")
                 persona = gr.Dropdown(list(personas), value=default, label="Persona", elem_id="persona")
                 role = gr.Textbox(personas[default]["prompt"], label="Role prompt", lines=4, elem_id="role",
                                   info="Who the model is and what it knows. May be empty.")
@@ -374,9 +397,9 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
                 with gr.Accordion("Sampling and memory (advanced)", open=False):
                     defaults = SamplingParams()
                     temp_text = as_sent(gr.Slider(0.0, 1.5, defaults.temp_text, step=0.05, label="Text temperature", elem_id="temp_text"))
-                    topk_text = as_sent(gr.Slider(1, MAX_TOP_K["text"], defaults.topk_text, step=1, label="Text top-k", elem_id="topk_text"))
+                    topk_text = whole_number(as_sent(gr.Slider(1, MAX_TOP_K["text"], defaults.topk_text, step=1, label="Text top-k", elem_id="topk_text")))
                     temp_audio = as_sent(gr.Slider(0.0, 1.5, defaults.temp_audio, step=0.05, label="Audio temperature", elem_id="temp_audio"))
-                    topk_audio = as_sent(gr.Slider(1, MAX_TOP_K["audio"], defaults.topk_audio, step=1, label="Audio top-k", elem_id="topk_audio"))
+                    topk_audio = whole_number(as_sent(gr.Slider(1, MAX_TOP_K["audio"], defaults.topk_audio, step=1, label="Audio top-k", elem_id="topk_audio")))
                     seed = as_sent(gr.Number(inputs.RANDOM_SEED, precision=0, minimum=inputs.RANDOM_SEED, maximum=SEED_MAX,
                                              label=f"Seed (-1: random; 0 to {SEED_MAX})", elem_id="seed"))
                     greedy = gr.Checkbox(False, label="Greedy decoding", elem_id="greedy")
@@ -391,19 +414,23 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
         calls.connections.install()  # before `stream`: its events go through these doors
         demo.load(new_owner, outputs=owner)
         persona.change(functools.partial(pick_persona, service, personas), inputs=[persona, voice], outputs=[role, voice])
+        gr.on([persona.change, voice.change], persona_summary, inputs=[persona, voice], outputs=summary, show_progress="hidden")
         role.change(role_counter, inputs=role, outputs=role_count, show_progress="hidden")
         voice.change(lambda: gr.update(visible=False, value=None), outputs=preview_audio, show_progress="hidden")
         preview.click(functools.partial(preview_voice, service), inputs=[voice, custom_voice], outputs=preview_audio,
-                      api_name="preview_voice", concurrency_limit=PREVIEWS_AT_ONCE)
+                      api_name="preview_voice", concurrency_limit=PREVIEWS_AT_ONCE).success(
+            lambda: gr.update(visible=True), outputs=preview_audio, show_progress="hidden")
 
-        def upload(voice_clip: Any, consent: Any, custom_voice: Any, request: gr.Request):
+        def upload(voice_clip: Any, consent: Any, custom_voice: Any, heard: Any, request: gr.Request) -> Upload:
             """A voice clip (5 to 30 s of speech) becomes this session's custom voice, once `consent` is true."""
-            return upload_voice(service, voice_clip, consent, custom_voice, request.session_hash)
+            return upload_voice(service, voice_clip, consent, custom_voice, heard, request.session_hash)
 
-        clip_args = {"inputs": [clip, consent, custom_voice], "outputs": [voice_status, custom_voice, voice, clip, voice_in_use]}
-        clip.upload(upload, api_name="upload_voice", **clip_args)
-        clip.stop_recording(upload, **clip_args)
-        consent.change(upload, **clip_args)  # ticked after the upload: the clip applies now
+        upload_args = {"inputs": [clip, consent, custom_voice, custom_heard],
+                       "outputs": [voice_status, voice_in_use, custom_voice, custom_heard, upload_outcome]}
+        shown = {"inputs": upload_outcome, "outputs": [voice, clip, voice_in_use], "show_progress": "hidden"}
+        clip.upload(upload, api_name="upload_voice", **upload_args).then(show_upload, **shown)
+        clip.stop_recording(upload, **upload_args).then(show_upload, **shown)
+        consent.change(upload, **upload_args).then(show_upload, **shown)  # ticked after the upload: the clip applies now
         webrtc.stream(ConversationHandler(calls), inputs=[webrtc, *call_inputs.values()], outputs=[webrtc],
                       concurrency_limit=max_sessions + MAX_OPENING + SPARE_CONNECTIONS)
         webrtc.start_recording(lambda: (gr.update(visible=False), gr.update(visible=False)), outputs=[recording, transcript_file])
@@ -415,36 +442,47 @@ def build_ui(service: Service, limits: Limits, max_sessions: int) -> gr.Blocks:
             outputs=[offline_agent, offline_mix, offline_text, offline_files], api_name="generate_offline",
             concurrency_limit=offline_runs(max_sessions))  # the rest wait in Gradio's queue, and the page says so
 
-        def voices() -> list[dict[str, str]]:
+        def voices() -> list[VoiceInfo]:
             """The voices of the loaded checkpoint: `name` (what `voice` takes) and `label` (what it sounds like)."""
             return list_voices(service)
 
-        def persona_presets() -> list[dict[str, str]]:
+        def persona_presets() -> list[PersonaInfo]:
             """The page's persona presets: `name`, `prompt` (the role prompt) and `voice` (suggested)."""
             return list_personas(personas)
 
-        gr.api(voices, api_name="voices")
-        gr.api(persona_presets, api_name="personas")
+        api_endpoint(demo, voices, "voices")
+        api_endpoint(demo, persona_presets, "personas")
         gr.Timer(STATUS_EVERY_S).tick(functools.partial(status_markdown, service), outputs=status, show_progress="hidden")
         voices_timer = gr.Timer(STATUS_EVERY_S, active=not service.status.ready)
         voices_timer.tick(functools.partial(checkpoint_voices, service), inputs=voice, outputs=[voice, voices_timer],
                           show_progress="hidden")
         hide_internal_events(demo)
-    service.when_ready(functools.partial(publish_checkpoint_voices, demo, voice, service))
+    service.when_ready(functools.partial(publish_checkpoint_voices, demo, voice, summary, persona, service))
     return demo
 
 
-def publish_checkpoint_voices(demo: gr.Blocks, voice: gr.Dropdown, service: Service) -> None:
+def publish_checkpoint_voices(demo: gr.Blocks, voice: gr.Dropdown, summary: gr.HTML, persona: gr.Dropdown,
+                              service: Service) -> None:
     """Once loaded, the voice list (of pages opened from now on, and of the API) is the checkpoint's.
     Gradio computes its page config and API description once; both are refreshed here."""
     names = service.voice_names()
     voice.choices = voice_choices(names)
     if voice.value not in names:
         voice.value = names[0]
+    summary.value = persona_summary(persona.value, voice.value)
     demo.config = demo.get_config_file()
     server = getattr(demo, "server_app", None)
     if server is not None:
         server.api_info = server.all_app_info = None
+
+
+def api_endpoint(demo: gr.Blocks, fn: Callable[[], Any], api_name: str) -> None:
+    """`fn` as an API endpoint whose return is typed and named: Gradio reads the types from the
+    signature (here written as strings: they are resolved first) and names a return by its place."""
+    fn.__annotations__ = typing.get_type_hints(fn)
+    gr.api(fn, api_name=api_name)
+    (endpoint,) = [f for f in demo.fns.values() if f.api_name == api_name]
+    endpoint.outputs[0].label = api_name
 
 
 def hide_internal_events(demo: gr.Blocks) -> None:
@@ -495,6 +533,15 @@ def checkpoint_voices(service: Service, current: Any):
     return gr.update(choices=voice_choices(voices), value=value), gr.Timer(active=False)
 
 
+def persona_summary(persona: Any, voice: Any) -> str:
+    """The persona and the voice in one line above the call, with a link to change them (shown on
+    a phone, where the pickers sit below the call)."""
+    who = persona if isinstance(persona, str) else "Custom role"
+    sounds = "your custom voice" if voice == CUSTOM_VOICE else voice_label(voice) if isinstance(voice, str) else "?"
+    return (f"<a class='summary' href='#settings'>{html.escape(who, quote=False)} · {html.escape(sounds, quote=False)}"
+            " <span>(change)</span></a>")
+
+
 def role_counter(text: str | None) -> str:
     n = len(text) if isinstance(text, str) else 0
     if n > MAX_ROLE_CHARS:
@@ -532,41 +579,73 @@ def in_words(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 
 @in_words
-def preview_voice(service: Service, voice: Any, custom_voice: Any = ""):
-    """A few seconds of the model greeting you in a voice (made by the model on silence, then cached)."""
-    path = service.voice_preview(voice_key(voice, custom_voice, True))
-    return gr.update(value=str(path), visible=True)
+def preview_voice(service: Service, voice: Any, custom_voice: Any = "") -> str:
+    """A few seconds of the model greeting you in a voice (made by the model on silence, then
+    cached): the audio file."""
+    return str(service.voice_preview(voice_key(voice, custom_voice, True)))
+
+
+class Upload(NamedTuple):
+    """What an uploaded voice clip did: the API returns `message` and `heard`."""
+
+    message: str
+    heard: str | None  # the custom voice in use, as the model hears it (a file), if there is one
+    key: str  # the page's custom voice (the service's key)
+    kept: str | None  # `heard`, kept for the page (shown again when a later clip is refused)
+    outcome: str  # "ready", "refused", or "" (nothing changed)
 
 
 @in_words
-def upload_voice(service: Service, voice_clip: Any, consent: Any, custom_voice: Any = "", page: str = ""):
+def upload_voice(service: Service, voice_clip: Any, consent: Any, custom_voice: Any = "", heard: Any = None,
+                 page: str = "") -> Upload:
     """A voice clip (uploaded or recorded), checked and encoded, becomes this page's custom voice
-    (`page`: the page session, whose own it is). Returns a message, the voice's key, the voice
-    list's choice, the clip box and the clip as the model hears it. A rejected clip is cleared
-    from the box; the previous voice is kept."""
+    (`page`: the page session, whose own it is), once the consent box is ticked. A refused clip
+    leaves the previous custom voice in place."""
     key = custom_voice if isinstance(custom_voice, str) else ""
-    keep = gr.update()
+    heard = heard if isinstance(heard, str) else None
     if not voice_clip or not isinstance(voice_clip, str):
-        return "", key, keep, keep, keep
+        return Upload("", heard, key, heard, "")
     try:
         if not inputs.flag("the consent box", consent):
-            return "⚠ Tick the consent box to use this clip.", key, keep, keep, keep
+            return Upload("⚠ Tick the consent box to use this clip.", heard, key, heard, "")
         voice = service.add_custom_voice(voice_clip, page)
     except UserError as exc:
         kept = " The previous custom voice is kept." if key else ""
-        return f"⚠ {html.escape(str(exc), quote=False)}.{kept}", key, keep, gr.update(value=None), keep
-    return (f"✅ Custom voice ready ({voice.seconds:.1f} s). It is selected in the voice list.", voice.key,
-            gr.update(value=CUSTOM_VOICE), keep, gr.update(value=str(voice.clip), visible=True))
+        return Upload(f"⚠ {html.escape(str(exc), quote=False)}.{kept}", heard, key, heard, "refused")
+    clip = str(voice.clip)
+    return Upload(f"✅ Custom voice ready ({voice.seconds:.1f} s). It is selected in the voice list.", clip, voice.key, clip,
+                  "ready")
 
 
-def list_voices(service: Service) -> list[dict[str, str]]:
+def show_upload(outcome: Any):
+    """The page after an upload: a ready voice is selected and can be played back; a refused clip
+    leaves the box (it takes a new one)."""
+    if outcome == "ready":
+        return gr.update(value=CUSTOM_VOICE), gr.skip(), gr.update(visible=True)
+    if outcome == "refused":
+        return gr.skip(), gr.update(value=None), gr.skip()
+    return gr.skip(), gr.skip(), gr.skip()
+
+
+class VoiceInfo(TypedDict):
+    name: str  # what `voice` takes
+    label: str  # what it sounds like
+
+
+class PersonaInfo(TypedDict):
+    name: str
+    prompt: str  # the role prompt
+    voice: str  # the voice it suggests
+
+
+def list_voices(service: Service) -> list[VoiceInfo]:
     """The voices of the loaded checkpoint: name (what `voice` takes) and what it sounds like."""
-    return [{"name": n, "label": voice_label(n)} for n in service.voice_names()]
+    return [VoiceInfo(name=n, label=voice_label(n)) for n in service.voice_names()]
 
 
-def list_personas(personas: dict[str, dict]) -> list[dict[str, str]]:
+def list_personas(personas: dict[str, dict]) -> list[PersonaInfo]:
     """The page's persona presets: name, role prompt and suggested voice."""
-    return [{"name": n, "prompt": p["prompt"], "voice": p.get("voice", "")} for n, p in personas.items()]
+    return [PersonaInfo(name=n, prompt=p["prompt"], voice=p.get("voice", "")) for n, p in personas.items()]
 
 
 def check_offline_input(user_audio: Any) -> None:
@@ -620,6 +699,17 @@ def turn_configuration():
     return browser_credentials, server
 
 
+def model_settings(args: argparse.Namespace) -> tuple[Settings, str]:
+    """The model to load, and a banner for the page ("": none). With no model asked for and no
+    CUDA GPU, the page runs on the tiny random model the tests use (it babbles, in real time on a
+    CPU), and says so: a laptop gets a working page instead of a red status line."""
+    asked = args.checkpoint or args.hf_repo or args.config or args.device
+    if not asked and not torch.cuda.is_available() and (TINY_CHECKPOINT / "model.safetensors").is_file():
+        logger.info("no CUDA GPU: the page runs on the tiny test model in %s", TINY_CHECKPOINT)
+        return Settings(str(TINY_CHECKPOINT), None, str(TINY_CHECKPOINT / "tiny_config.json"), "cpu", args.max_sessions), TINY_BANNER
+    return Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions), ""
+
+
 def env(name: str, default: str | None = None) -> str | None:
     return os.environ.get(f"PERSONAPLEX_{name}", default)
 
@@ -652,16 +742,18 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="The 'show_api' parameter in event listeners")  # Gradio 6 renames it
     args = parse_args(argv)
     os.umask(0o077)  # what the app writes (recordings, uploads, Gradio's copies) is its own: folders 0700, files 0600
-    service = Service(Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions))
+    settings, banner = model_settings(args)
+    service = Service(settings)
     # A stopped server ends its calls, stops the engine thread (exiting under a running torch op
     # aborts the process) and deletes its files on the way out.
     signal.signal(signal.SIGTERM, lambda *_: (service.stop(), sys.exit(0)))
     service.start()
     limits = Limits(time_limit_s=args.time_limit or None, idle_timeout_s=args.idle_timeout)
-    demo = build_ui(service, limits, args.max_sessions or 64)
+    demo = build_ui(service, limits, args.max_sessions or 64, banner)
     demo.queue(default_concurrency_limit=8)
     forget_finished_events(demo)
     explain_refusals(demo)
+    quiet_component_server()
     doors = Middleware(RequestLimits, limits=RequestSizes(trust_proxy=bool(os.environ.get("SPACE_ID"))),
                        upload_dir=lambda: Path(gradio_upload_folder()))
     demo.launch(

@@ -113,9 +113,10 @@ def free_port() -> int:
 
 
 class RunningApp:
-    """`python app.py` on the tiny checkpoint, in a subprocess, as the README starts it."""
+    """`python app.py` on the tiny checkpoint, in a subprocess, as the README starts it (with
+    `model=False`, no model is named: the README's first command)."""
 
-    def __init__(self, *extra: str, max_sessions: int = 2, env: dict[str, str] | None = None) -> None:
+    def __init__(self, *extra: str, max_sessions: int = 2, env: dict[str, str] | None = None, model: bool = True) -> None:
         import os
         import subprocess
         import sys
@@ -124,8 +125,8 @@ class RunningApp:
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", delete=False)
-        args = [sys.executable, str(ROOT / "app.py"), "--checkpoint", str(CHECKPOINT), "--config", str(TINY_CONFIG),
-                "--device", "cpu", "--port", str(self.port), "--max-sessions", str(max_sessions), *extra]
+        chosen = ["--checkpoint", str(CHECKPOINT), "--config", str(TINY_CONFIG), "--device", "cpu"] if model else []
+        args = [sys.executable, str(ROOT / "app.py"), *chosen, "--port", str(self.port), "--max-sessions", str(max_sessions), *extra]
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
 

@@ -31,6 +31,12 @@ def test_the_api_lists_only_named_endpoints_with_named_parameters_and_the_checkp
     offline = {p["parameter_name"]: p for p in info["named_endpoints"]["/generate_offline"]["parameters"]}
     assert list(offline) == ["user_audio", "role_prompt", "voice", "consent", *SAMPLING]
     assert offline["voice"]["type"]["enum"] == ["TESTV0", "Custom voice (uploaded)"]  # not the 18 release names
+    for name, endpoint in info["named_endpoints"].items():  # plain values, each with a name and a type
+        for value in endpoint["returns"]:
+            assert value["label"] and not value["label"][0].isdigit() and value["python_type"]["type"] != "Any", (name, value)
+    types = {n: [r["python_type"]["type"] for r in e["returns"]] for n, e in info["named_endpoints"].items()}
+    assert types["/voices"] == ["list[dict(name: str, label: str)]"] and types["/upload_voice"] == ["str", "filepath"]
+    assert {p["parameter_name"]: p["python_type"]["type"] for p in offline.values()}["text_top_k"] == "int"
     assert api.predict(api_name="/voices") == [{"name": "TESTV0", "label": "TESTV0"}]
     assert any(p["name"] == "Assistant" and p["prompt"] for p in api.predict(api_name="/personas"))
 
@@ -53,8 +59,8 @@ def test_a_custom_voice_uploaded_through_the_api_is_used_by_the_same_client(api,
     voice = ROOT / "examples" / "voice_sample.wav"
     message, *_ = api.predict(gradio_client.handle_file(str(voice)), False, api_name="/upload_voice")
     assert "Tick the consent box" in message
-    message, *_ = api.predict(gradio_client.handle_file(str(voice)), True, api_name="/upload_voice")
-    assert "Custom voice ready (8.6 s)" in message
+    message, heard = api.predict(gradio_client.handle_file(str(voice)), True, api_name="/upload_voice")
+    assert "Custom voice ready (8.6 s)" in message and read_audio(heard).size == read_audio(voice).size
     user = ROOT / "examples" / "user_question.wav"
     agent, *_ = api.predict(gradio_client.handle_file(str(user)), "", "Custom voice (uploaded)", True, *SAMPLING.values(),
                             api_name="/generate_offline")
@@ -63,3 +69,8 @@ def test_a_custom_voice_uploaded_through_the_api_is_used_by_the_same_client(api,
     with pytest.raises(Exception, match="upload or record a custom voice"):
         other.predict(gradio_client.handle_file(str(user)), "", "Custom voice (uploaded)", True, *SAMPLING.values(),
                       api_name="/generate_offline")
+
+
+def test_a_voice_preview_through_the_api_is_the_audio_file(api):
+    preview = api.predict("TESTV0", api_name="/preview_voice")
+    assert isinstance(preview, str) and read_audio(preview).size == 4 * 24000  # a file, not a component update

@@ -159,12 +159,15 @@ def test_a_conversation_in_the_browser(running_app, files):
             expect(page.locator("#details")).to_contain_text("connection")
             expect(page.locator("#status")).to_contain_text(re.compile("1 of 2 conversations in progress"))
             expect(page.locator("#mute")).to_contain_text("Mute my microphone")
+            expect(page.locator("#settings_note .in-call-note")).to_be_visible()  # the settings are the call's until it ends
+            expect(page.locator("#live .clock")).to_contain_text(re.compile(r"^0:0\d of 10:00$"))
             page.screenshot(path=str(ARTIFACTS / "conversation.png"), full_page=True)
             button.click()  # the call ends here, and the page says so: nothing stays live
             expect(page.locator("#live .verdict")).to_have_text("ended")
             expect(page.locator("#live [data-ending='stopped']")).to_contain_text("You ended the call.")
             expect(page.locator("#live .who.speaking")).to_have_count(0)
             expect(page.locator("#details")).to_contain_text("closed; the call is ended")
+            expect(page.locator("#settings_note .in-call-note")).to_be_hidden()
             link = page.locator("#recording a")
             expect(link).to_have_attribute("href", re.compile(r"call\.wav$"), timeout=10_000)
             expect(page.locator("#transcript_file a")).to_have_attribute("href", re.compile(r"transcript\.txt$"))
@@ -194,6 +197,8 @@ def test_on_a_phone_the_start_control_and_the_conversation_are_on_the_first_scre
             choose(page, "voice", "TESTV0")
             page.evaluate("window.scrollTo(0, 0)")
             assert in_view(page, START_TILE, PHONE, at_least_px=40) and in_view(page, "#conversation", PHONE, at_least_px=150)
+            expect(page.locator("#summary")).to_contain_text("Assistant · TESTV0 (change)")  # the pickers are further down
+            assert in_view(page, "#summary", PHONE, at_least_px=20)
             page.locator(START_TILE).click()  # one click: the microphone, then the call
             button = page.locator(CALL_BUTTON)
             expect(button).to_contain_text("End the call", timeout=20_000)

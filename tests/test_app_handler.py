@@ -288,14 +288,15 @@ def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(
     from .helpers import tone
 
     good = ROOT / "examples" / "voice_sample.wav"
-    message, key, choice, box, in_use = app.upload_voice(service, str(good), False, "")
-    assert "Tick the consent box to use this clip" in message and key == "" and "value" not in box  # the clip waits
-    message, key, choice, box, in_use = app.upload_voice(service, str(good), True, "")  # consent ticked: it applies
-    assert "Custom voice ready (8.6 s)" in message and key.startswith("custom:") and choice["value"] == app.CUSTOM_VOICE
-    played = read_audio(in_use["value"])  # the voice in use, as the model hears it (-24 LUFS)
-    assert in_use["visible"] and played.size == read_audio(good).size and np.abs(played).max() > 0.01
-    assert app.upload_voice(service, str(good), True, "")[1] == key  # cached by content hash
-    assert key in service._custom
+    waiting = app.upload_voice(service, str(good), False, "", None, "page-1")
+    assert "Tick the consent box to use this clip" in waiting.message and waiting.key == "" and waiting.outcome == ""
+    ready = app.upload_voice(service, str(good), True, "", None, "page-1")  # consent ticked: it applies
+    assert "Custom voice ready (8.6 s)" in ready.message and ready.key.startswith("custom:") and ready.outcome == "ready"
+    played = read_audio(ready.heard)  # the voice in use, as the model hears it (-24 LUFS)
+    assert ready.kept == ready.heard and played.size == read_audio(good).size and np.abs(played).max() > 0.01
+    assert app.show_upload("ready")[0]["value"] == app.CUSTOM_VOICE  # the page selects it and shows it
+    assert app.upload_voice(service, str(good), True, "", None, "page-1").key == ready.key  # the same clip, the same page
+    assert ready.key in service._custom
 
     cases = {
         "silent.wav": (lambda p: write_wav(p, np.zeros(6 * SAMPLE_RATE, dtype=np.float32)), "the clip is silent"),
@@ -303,26 +304,28 @@ def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(
         "short.wav": (lambda p: write_wav(p, tone(3.0, SAMPLE_RATE)[0]), "use at least 5 s of speech"),
         "empty.wav": (lambda p: p.write_bytes(b""), "could not be decoded"),
         "notes.txt": (lambda p: p.write_text("hello " * 100), "not an audio file|could not be decoded"),
+        "gone.wav": (lambda p: None, "gone.wav: the clip is not on the server"),  # a path a client made up
     }
     for name, (make, expected) in cases.items():
         path = tmp_path / name
         make(path)
-        message, kept, _, box, _ = app.upload_voice(service, str(path), True, key)
-        assert re.search(expected, message), (name, message)
-        assert kept == key and "previous custom voice is kept" in message and box["value"] is None  # the box is cleared
-    message, kept, *_ = app.upload_voice(service, str(good), ["yes"], key)
-    assert "the consent box must be true or false" in message and kept == key
+        refused = app.upload_voice(service, str(path), True, ready.key, ready.heard, "page-1")
+        assert re.search(expected, refused.message), (name, refused.message)
+        assert "previous custom voice is kept" in refused.message and refused.outcome == "refused"
+        assert (refused.key, refused.heard) == (ready.key, ready.heard)  # the voice and its playback stay
+    assert app.show_upload("refused")[1]["value"] is None  # the box is cleared: it takes a new clip
+    refused = app.upload_voice(service, str(good), ["yes"], ready.key, ready.heard, "page-1")
+    assert "the consent box must be true or false" in refused.message and refused.key == ready.key
     monkeypatch.setattr("personaplex.service.MAX_UPLOAD_BYTES", 1000)
-    message, kept, *_ = app.upload_voice(service, str(good), True, key)
-    assert "larger than" in message and kept == key
+    refused = app.upload_voice(service, str(good), True, ready.key, ready.heard, "page-1")
+    assert "larger than" in refused.message and refused.key == ready.key
 
 
 def test_a_voice_preview_is_the_model_greeting_on_silence_made_once(service):
-    first = app.preview_voice(service, "TESTV0")
-    path = Path(first["value"])
-    assert first["visible"] and path.exists()
+    path = Path(app.preview_voice(service, "TESTV0"))
+    assert path.exists()
     mtime = path.stat().st_mtime
-    assert app.preview_voice(service, "TESTV0")["value"] == str(path) and path.stat().st_mtime == mtime  # cached
+    assert app.preview_voice(service, "TESTV0") == str(path) and path.stat().st_mtime == mtime  # cached
     from personaplex.audio import read_audio
 
     assert read_audio(path).size == 4 * SAMPLE_RATE

@@ -245,3 +245,8 @@ def test_a_live_call_is_admitted_while_four_long_offline_runs_are_in_progress(ap
     assert len(waiting) == 3 and all(s.rank is not None for s in waiting), codes  # the page shows their place in the queue
     for job in jobs:
         job.cancel()
+
+
+def test_after_all_of_it_the_log_has_no_traceback(app):
+    """Every attack above was answered in words: nothing the strangers sent reached the log as a fault."""
+    assert "Traceback" not in app.output(), app.output()[-3000:]

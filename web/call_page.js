@@ -37,8 +37,16 @@
     if (verdict) { verdict.className = "verdict waiting"; verdict.textContent = text; }
   }
 
+  // While a call goes on, its settings are the call's (page.css dims them and says so).
+  const inCall = (on) => document.getElementById("settings")?.classList.toggle("in-call", on);
+
+  function settle() {  // the call is over: its settings can change again
+    inCall(false);
+  }
+
   function begin() {
     call = {turns: new Map(), ended: false};
+    inCall(true);
     put("conversation", PLACEHOLDER);
     put("details", "");
     setVerdict("connecting");
@@ -54,6 +62,7 @@
     }
     if (data.ending) {
       call.ended = true;
+      settle();
       document.getElementById("call_files")?.click();  // the recording and the transcript, for this page
     }
   }
@@ -62,6 +71,7 @@
   function endHere(reason, message) {
     if (!call || call.ended) return;
     call.ended = true;
+    settle();
     const live = slot("live")?.querySelector(".live");
     if (live) {
       live.dataset.ending = reason;

@@ -63,6 +63,8 @@ def live_html(view: CallView, session: Session, held: Memory) -> str:
         verdict = f"<div class='verdict waiting'>{PHASE_TEXT[session.phase]}</div>"
     else:
         verdict = f"<div class='verdict {VERDICT_CLASS[view.verdict]}'>{view.verdict.value}</div>"
+    limit = session.limits.time_limit_s
+    verdict += f"<span class='clock'>{clock_text(session.elapsed_s)}{f' of {clock_text(limit)}' if limit else ''}</span>"
     note = ""
     if session.ending is not None:
         note = f"<p class='warn'>⚠ {html.escape(session.ending.message, quote=False)}</p>"

@@ -1,0 +1,28 @@
+"""The README's first command on a machine without a CUDA GPU: no model named, the page comes up
+working, on the tiny test model, and says so plainly (no red "no CUDA GPU" first screen)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import httpx
+import pytest
+import torch
+
+from .helpers import RunningApp
+
+pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the first command loads the 7B")
+
+
+def test_without_a_gpu_the_first_command_gives_a_working_page_on_the_tiny_model(client, speech):
+    app = RunningApp(model=False)
+    try:
+        app.wait_ready()
+        config = httpx.get(f"{app.url}/config").json()
+        shown = " ".join(str(c.get("props", {}).get("value")) for c in config["components"] if c["type"] == "markdown")
+        call = asyncio.run(client.converse(app.url, speech, 3.0, {"voice": "TESTV0"}))
+    finally:
+        app.stop()
+    assert "This is the tiny test model, not PersonaPlex-7B." in shown and "needs a CUDA GPU" in shown
+    assert "Failed" not in shown and "no CUDA GPU found" not in app.output()
+    assert not call.refused and call.first_audio_after_s is not None  # it babbles, and the call works
