@@ -35,7 +35,6 @@ from typing import Any, NamedTuple, TypedDict
 import gradio as gr
 import numpy as np
 import spaces
-import torch
 from fastrtc import AsyncStreamHandler, WebRTC
 from fastrtc.utils import create_message, get_current_context
 from gradio.utils import get_upload_folder as gradio_upload_folder
@@ -47,7 +46,15 @@ from personaplex.config import SAMPLE_RATE
 from personaplex.errors import SettingsError, UserError
 from personaplex.health import BEHIND_TICK_MS, CallView
 from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams
-from personaplex.service import CUSTOM_VOICE_SECONDS, MAX_ROLE_CHARS, Service, Settings, State, offline_runs
+from personaplex.service import (
+    CUSTOM_VOICE_SECONDS,
+    MAX_ROLE_CHARS,
+    Service,
+    Settings,
+    State,
+    offline_runs,
+    on_the_tiny_model,
+)
 from personaplex.session import REALTIME, Limits, Phase, Session
 from personaplex.transcript import clock_text
 from web import call_page
@@ -700,14 +707,14 @@ def turn_configuration():
 
 
 def model_settings(args: argparse.Namespace) -> tuple[Settings, str]:
-    """The model to load, and a banner for the page ("": none). With no model asked for and no
-    CUDA GPU, the page runs on the tiny random model the tests use (it babbles, in real time on a
-    CPU), and says so: a laptop gets a working page instead of a red status line."""
-    asked = args.checkpoint or args.hf_repo or args.config or args.device
-    if not asked and not torch.cuda.is_available() and (TINY_CHECKPOINT / "model.safetensors").is_file():
-        logger.info("no CUDA GPU: the page runs on the tiny test model in %s", TINY_CHECKPOINT)
-        return Settings(str(TINY_CHECKPOINT), None, str(TINY_CHECKPOINT / "tiny_config.json"), "cpu", args.max_sessions), TINY_BANNER
-    return Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions), ""
+    """The model to load, and a banner for the page ("": none): the tiny test model when no model
+    was named and there is no CUDA GPU (`on_the_tiny_model`), so that a laptop gets a working page."""
+    asked = Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions)
+    tiny = on_the_tiny_model(asked, TINY_CHECKPOINT)
+    if tiny is None:
+        return asked, ""
+    logger.info("no CUDA GPU: the page runs on the tiny test model in %s", TINY_CHECKPOINT)
+    return tiny, TINY_BANNER
 
 
 def env(name: str, default: str | None = None) -> str | None:

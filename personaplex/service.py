@@ -439,6 +439,16 @@ class Service:
         return OfflineResult(user=user_pcm, agent=np.concatenate(agent)[: user_pcm.size], transcript=transcript)
 
 
+def on_the_tiny_model(settings: Settings, tiny_checkpoint: Path) -> Settings | None:
+    """With no model asked for and no CUDA GPU, the tiny random model in the release format at
+    `tiny_checkpoint` on the CPU (a working page that says what it runs, instead of a failure);
+    None when a model was asked for, there is a GPU, or there is no tiny model."""
+    asked = settings.checkpoint or settings.hf_repo or settings.config or settings.device
+    if asked or torch.cuda.is_available() or not (tiny_checkpoint / "model.safetensors").is_file():
+        return None
+    return Settings(str(tiny_checkpoint), None, str(tiny_checkpoint / "tiny_config.json"), "cpu", settings.max_sessions)
+
+
 def offline_runs(slots: int) -> int:
     """Offline runs the engine takes at once with `slots` slots."""
     return max(1, slots // OFFLINE_SHARE)

@@ -157,3 +157,19 @@ def test_a_custom_voice_is_its_uploaders_alone():
     finally:
         svc.stop()
     assert mine == again and mine != theirs  # the same clip from another page is another voice
+
+
+def test_without_a_gpu_and_no_model_named_the_page_runs_the_tiny_model(tmp_path):
+    from personaplex.service import on_the_tiny_model
+
+    from .helpers import CHECKPOINT
+
+    nothing = Settings(max_sessions=3)
+    tiny = on_the_tiny_model(nothing, CHECKPOINT)
+    if torch.cuda.is_available():
+        assert tiny is None
+        return
+    assert tiny == Settings(str(CHECKPOINT), None, str(CHECKPOINT / "tiny_config.json"), "cpu", 3)
+    for asked in (Settings(checkpoint="x"), Settings(hf_repo="a/b"), Settings(config="c.json"), Settings(device="cpu")):
+        assert on_the_tiny_model(asked, CHECKPOINT) is None  # a model named is the model loaded
+    assert on_the_tiny_model(nothing, tmp_path) is None  # (a tree without the tiny model)
