@@ -165,6 +165,7 @@ def test_the_app_ends_a_call_says_why_frees_everything_and_offers_its_files(serv
     handler, final = asyncio.run(scenario())
     message = "time limit of 1 s" if ending == "time limit" else "no audio from your browser for 0.5 s"
     assert message in final["live"] and final["ending"]["reason"] == ending
+    assert "who speaking" not in final["live"] and "ended" in final["live"]  # the meters stop with the call
     assert all(Path(f["value"]).exists() for f in app.call_files(service, "call-1", OWNER))  # what the page then fetches
     assert any('"end_stream"' in m and message in m for m in handler.channel.sent)  # the page stops the call and says why
     assert "call-1" in handler.calls.connections.closed and service.worker.live_sessions == 0

@@ -71,7 +71,7 @@ def live_html(view: CallView, session: Session, held: Memory) -> str:
     elif session.phase is Phase.LIVE and held.warning:
         note = f"<p class='warn'>⚠ {html.escape(held.warning, quote=False)}</p>"
     reason = session.ending.reason if session.ending is not None else ""
-    return live_frame(_meters(view), verdict, note, reason)
+    return live_frame(_meters(view if session.ending is None else None), verdict, note, reason)  # ended: nobody speaks
 
 
 def live_frame(meters: str, verdict: str, note: str, reason: str) -> str:
@@ -132,9 +132,8 @@ class CallPage:
     """The updates of one call's page; `sent` is called once a message has gone out."""
 
     def __init__(self) -> None:
-        self._turns: dict[str, str] = {}  # key -> html, as the page has them
+        self._turns: dict[str, str] = {}  # key -> html, as the page has them (the latest ones)
         self._details_at = -float("inf")
-        self._pending: dict[str, str] = {}
 
     def update(self, view: CallView, session: Session, figures: CallFigures, now: float, final: bool = False) -> dict[str, Any]:
         """The next message: the live view always, the turns that changed, the figures when due."""
@@ -144,7 +143,6 @@ class CallPage:
         changed = [list(t) for t in current if self._turns.get(t[0]) != t[2]]
         if changed:
             data["turns"] = changed
-        self._pending = {key: text for key, _, text in current}
         if final or now - self._details_at >= DETAILS_EVERY_S:
             data["details"] = details_html(session, figures, held.held)
         if final and session.ending is not None:
@@ -153,8 +151,11 @@ class CallPage:
 
     def sent(self, data: dict[str, Any], now: float) -> None:
         """`data` reached the channel: the page has these turns and figures now."""
-        if "turns" in data:
-            self._turns = self._pending
+        for key, _, text in data.get("turns", []):
+            self._turns.pop(key, None)  # (re)inserted last: the oldest turns go first below
+            self._turns[key] = text
+        for key in list(self._turns)[: max(0, len(self._turns) - CAPTION_TURNS)]:
+            del self._turns[key]  # scrolled out of the live window: never sent again
         if "details" in data:
             self._details_at = now
 
