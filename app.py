@@ -44,7 +44,7 @@ from personaplex import inputs
 from personaplex.audio import AudioError, HalfRate, float_to_int16, int16_to_float, read_audio, wav_bytes
 from personaplex.config import SAMPLE_RATE
 from personaplex.errors import SettingsError, UserError
-from personaplex.health import BEHIND_TICK_MS, CallView
+from personaplex.health import CallView
 from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams
 from personaplex.service import (
     CUSTOM_VOICE_SECONDS,
@@ -501,30 +501,10 @@ def hide_internal_events(demo: gr.Blocks) -> None:
 
 
 def status_markdown(service: Service) -> str:
-    """The engine now: loading, or ready with its conversations and its tick time."""
-    s = service.status
-    kind = {State.READY: "ready", State.FAILED: "failed"}.get(s.state, "busy")
-    figures = service.figures()
-    if s.state is State.READY and figures is not None:
-        if figures.live:
-            text = (f"**Ready** on {service.device.type}: {figures.live} of {figures.slots} conversations in progress; "
-                    f"an 80 ms frame of all of them takes {figures.tick_ms:.0f} ms now")
-        else:
-            text = (f"**Ready** on {service.device.type} for {figures.slots} conversations at once; an 80 ms frame of "
-                    f"all of them took {figures.tick_ms:.0f} ms at start-up")
-        for shortfall in service.shortfalls:  # said, not only logged
-            text += f"; running {html.escape(shortfall)}, slower than it should"
-            kind = "busy"
-        if figures.tick_ms > 80:
-            text += f", {figures.tick_ms / 80:.1f}x slower than real time: live audio will stutter (use a GPU, or the offline tab)"
-            kind = "failed"
-        elif figures.tick_ms > BEHIND_TICK_MS:
-            text += ", near the 80 ms a frame lasts"
-            kind = "busy"
-    else:
-        text = f"**{s.state.value.capitalize()}**: {s.message}"
-    text = f"<span class='dot {kind}'></span> {text}"
-    if s.state is State.FAILED:
+    """The engine now (`Service.summary`), with a coloured dot."""
+    summary = service.summary()
+    text = f"<span class='dot {summary.level}'></span> **{summary.title}**: {html.escape(summary.text, quote=False)}"
+    if service.status.state is State.FAILED:
         text += "\n\nFix the problem above and restart the app. The offline tab and live calls need the model."
     return text
 

@@ -33,6 +33,7 @@ from .config import DEFAULT_TEXT_PROMPT, FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B,
 from .engine import Engine
 from .errors import SettingsError, UserError
 from .generate import PromptPlan
+from .health import BEHIND_TICK_MS, FRAME_MS
 from .lm import LMModel
 from .loading import CheckpointError, Models, load_models, resolve_checkpoint
 from .persona import VoicePrompt
@@ -105,6 +106,16 @@ class EngineFigures:
     live: int  # conversations now
     slots: int
     tick_ms: float  # the last tick of the live conversations together; with none, the warm-up's tick of all slots
+
+
+@dataclass(frozen=True)
+class Summary:
+    """The engine now, for a status line: `level` is "ready", "busy" (loading, or ready but
+    slow) or "failed"; `title` a word or two; `text` the rest, in plain words."""
+
+    level: str
+    title: str
+    text: str
 
 
 @dataclass(frozen=True)
@@ -258,9 +269,9 @@ class Service:
         assert self.engine is not None
         for shortfall in self.engine.shortfalls:  # loud: the engine works, but slower than it should
             what += f" {shortfall}"
-        if frame_ms > 80:
+        if frame_ms > FRAME_MS:
             what += (
-                f". That is {frame_ms / 80:.1f}x slower than real time: live audio will stutter. "
+                f". That is {frame_ms / FRAME_MS:.1f}x slower than real time: live audio will stutter. "
                 "Use a GPU for live conversations, or the offline tab here"
             )
         return what
@@ -360,6 +371,32 @@ class Service:
         tick_ms = worker.last_tick_ms if live else (self.status.frame_ms or 0.0)
         return EngineFigures(live, min(engine.num_slots, worker.max_live), tick_ms)
 
+    def summary(self) -> Summary:
+        """The engine now: loading (its stage), failed (what to fix), or ready with its calls and
+        how long a tick of all of them takes, and how near real time that is."""
+        s, figures = self.status, self.figures()
+        if s.state is not State.READY or figures is None:
+            level = {State.FAILED: "failed"}.get(s.state, "busy")
+            return Summary(level, s.state.value.capitalize(), s.message)
+        where = self.device.type
+        if figures.live:
+            text = (f"on {where}: {figures.live} of {figures.slots} conversations in progress; "
+                    f"an 80 ms frame of all of them takes {figures.tick_ms:.0f} ms now")
+        else:
+            text = (f"on {where} for {figures.slots} conversations at once; an 80 ms frame of "
+                    f"all of them took {figures.tick_ms:.0f} ms at start-up")
+        level = "ready"
+        for shortfall in self.shortfalls:  # said, not only logged
+            text += f"; running {shortfall}, slower than it should"
+            level = "busy"
+        if figures.tick_ms > FRAME_MS:
+            text += f", {figures.tick_ms / FRAME_MS:.1f}x slower than real time: live audio will stutter (use a GPU, or the offline tab)"
+            level = "failed"
+        elif figures.tick_ms > BEHIND_TICK_MS:
+            text += f", near the {FRAME_MS:g} ms a frame lasts"
+            level = "busy"
+        return Summary(level, "Ready", text)
+
     # --- conversations ------------------------------------------------------------------
     def plan(self, voice: str, role: str) -> PromptPlan:
         """The persona's prompt, ready for the engine: made once per voice and role (host work
@@ -385,7 +422,8 @@ class Service:
         """Give a live session its persona and a slot; raises `UserError`s (busy, bad voice...).
         With `keep_persona` the system prompt stays in the model's window for the whole call."""
         _, worker = self._require_ready()
-        worker.open(session, self.plan(voice, role), sampling, self.describe, keep_persona)
+        session.describe = self.describe
+        worker.open(session.port, self.plan(voice, role), sampling, keep_persona)
 
     def run_offline(
         self,
@@ -416,7 +454,8 @@ class Service:
                      progress: Callable[[int, int], None] | None) -> OfflineResult:
         _, worker = self._require_ready()
         session = Session(OFFLINE)
-        worker.open(session, self.plan(voice, role), sampling, self.describe, keep_persona=True)
+        session.describe = self.describe
+        worker.open(session.port, self.plan(voice, role), sampling, keep_persona=True)
         session.push(user_pcm, final=True)
         total = session.stats.frames_in
         agent: list[np.ndarray] = []

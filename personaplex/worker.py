@@ -2,24 +2,26 @@
 
 Implements:
   * `EngineWorker`: the engine thread. Each tick it takes one input frame from every live
-    session and runs one batched `Engine.step` over the smallest slot range that holds them,
-    then hands each session its answer. Between ticks it runs jobs (a session's system prompt,
+    call and runs one batched `Engine.step` over the smallest slot range that holds them,
+    then hands each call its answer. Between ticks it runs jobs (a call's system prompt,
     a custom voice's encoding) in pieces, as many as fit before the next tick, and moves a
     conversation to a lower slot when that shrinks every tick's bucket, and parks the free
-    slots of the bucket (`Engine.park`: their attention stays empty). It runs no app code: a
-    session's consumers build text and recordings on their own threads (`personaplex.session`);
+    slots of the bucket (`Engine.park`: their attention stays empty). It sees a call only
+    through its `Port` (`personaplex.port`), never the session behind it, and runs no app
+    code: a session's consumers build text and recordings on their own threads;
   * `Busy`: every slot is taken.
 
-The schedule. While a real-time session is live, ticks keep to a fixed grid (`TickGrid`, one
-point every 80 ms): a tick runs at the first grid point where some session has a frame, and
-each real-time session shifts its framing once so that its frames are complete just before
-the grid points (`Session`), so no session waits for another; a call that is alone moves the
-grid to its own frames. A session whose frame is late
-hears silence for that tick; nobody waits for it. With only sessions fed from a recording
+The schedule. While a real-time call is live, ticks keep to a fixed grid (`TickGrid`, one
+point every 80 ms): a tick runs at the first grid point where some call has a frame, and
+each real-time call shifts its framing once so that its frames are complete just before
+the grid points (`personaplex.session`), so no call waits for another; a call that is alone
+moves the grid to its own frames (`Port.framing_wait`). A call whose frame is late
+hears silence for that tick; nobody waits for it. With only calls fed from a recording
 (offline runs, voice previews), ticks run back to back, a job's piece after each. A job's pieces run in the time left
 before the next tick; one piece always runs after a tick (and after a period without one), so a
-job moves on even when no piece fits. The worker also ends sessions whose client went quiet or whose time is up
-(`Session.check_limits`), so a vanished consumer cannot keep a slot.
+job moves on even when no piece fits. The worker also ends calls whose client went quiet or
+whose time is up (`Port.expire`), so a vanished consumer cannot keep a slot; a port that has
+ended is dropped from its slot the next time the worker looks (its doorbell rings).
 """
 
 from __future__ import annotations
@@ -41,8 +43,8 @@ from .engine import Engine
 from .errors import UserError
 from .framing import ALIGN_LEAD_S, TickGrid
 from .generate import PromptPlan
+from .port import Phase, Port
 from .sampling import SamplingParams
-from .session import Phase, Session
 
 logger = logging.getLogger(__name__)
 
@@ -77,7 +79,7 @@ def _once(fn: Callable[[], Any]) -> Generator[None, None, Any]:
 class _Plan:
     """What the engine thread does next: a tick over `live`, a piece of `job`, or stop."""
 
-    live: list[Session] = field(default_factory=list)
+    live: list[Port] = field(default_factory=list)
     job: _Job | None = None
     stop: bool = False
 
@@ -91,7 +93,7 @@ class EngineWorker:
         self._clock = clock
         self._cond = threading.Condition()
         self._jobs: collections.deque[_Job] = collections.deque()
-        self._sessions: dict[int, Session] = {}  # slot -> session
+        self._ports: dict[int, Port] = {}  # slot -> the call in it
         self._due = -float("inf")  # no tick before this grid point (the one after the last tick)
         self._pieces_since_tick = 0
         self._last_tick = -float("inf")
@@ -118,64 +120,60 @@ class EngineWorker:
             self._cond.notify()
         return future
 
-    def open(self, session: Session, plan: PromptPlan, sampling: SamplingParams, describe: Callable[[int], str],
-             keep_persona: bool = False) -> None:
-        """Give `session` a slot and queue its system prompt (`Engine.plan`; kept for the whole
-        call with `keep_persona`, see `Engine.start`); it goes live once the prompt has run. Raises `Busy` when every slot is taken; a prompt failing on the
-        engine thread ends the session with reason "error". `describe` turns a text id into
-        words (on the session's threads)."""
+    def open(self, port: Port, plan: PromptPlan, sampling: SamplingParams, keep_persona: bool = False) -> None:
+        """Give the call behind `port` a slot and queue its system prompt (`Engine.plan`; kept
+        for the whole call with `keep_persona`, see `Engine.start`); it goes live once the
+        prompt has run. Raises `Busy` when every slot is taken; a prompt failing on the engine
+        thread ends the call with reason "error"."""
         with self._cond:
-            if session.phase is Phase.ENDED:
+            if port.ended:
                 return
-            free = [s for s in range(self.engine.num_slots) if s not in self._sessions]
-            if not free or len(self._sessions) >= self.max_live:
+            self._drop_ended()
+            free = [s for s in range(self.engine.num_slots) if s not in self._ports]
+            if not free or len(self._ports) >= self.max_live:
                 n = min(self.engine.num_slots, self.max_live)
                 taken = f"all {n} conversation slots are" if n > 1 else "the one conversation slot is"
                 raise Busy(f"{taken} in use: try again in a minute")
-            session._bind(self, free[0], plan.offset, describe, keep_persona)
-            self._sessions[free[0]] = session
+            port.bind(free[0], plan.offset, keep_persona, self._ring)
+            self._ports[free[0]] = port
+        self.run(self._start(port, plan, sampling, keep_persona), urgent=True)
 
-        def start() -> Generator[None, None, None]:
-            if session.phase is Phase.ENDED:  # ended before its turn: its slot may be someone else's now
-                return
-            try:
-                yield from self.engine.start_pieces(session.slot, plan, sampling, keep_persona=keep_persona)  # type: ignore[arg-type]
-            except Exception as exc:
-                logger.exception("session in slot %s: its system prompt failed", session.slot)
-                session.end("error", f"the call could not start: {exc}")
-                raise
-            if session.phase is not Phase.ENDED:
-                wait = session._go_live()
-                if wait is not None:
-                    self._fit_grid(session, wait)
-
-        self.run(start(), urgent=True)
-
-    def wake(self) -> None:
-        """A session has input: look at the schedule again."""
-        with self._cond:
-            self._cond.notify()
+    def _start(self, port: Port, plan: PromptPlan, sampling: SamplingParams, keep_persona: bool) -> Generator[None, None, None]:
+        """The engine thread's job for a new call: its system prompt, then live."""
+        if port.ended:  # ended before its turn: its slot may be someone else's now
+            return
+        try:
+            yield from self.engine.start_pieces(port.slot, plan, sampling, keep_persona=keep_persona)  # type: ignore[arg-type]
+        except Exception as exc:
+            logger.exception("the call in slot %s: its system prompt failed", port.slot)
+            port.end("error", f"the call could not start: {exc}")
+            raise
+        port.go_live(self.grid)
 
     @property
     def live_sessions(self) -> int:
+        """Calls holding a slot now."""
         with self._cond:
-            return len(self._sessions)
+            return sum(not p.ended for p in self._ports.values())
 
     def stop(self) -> None:
         with self._cond:
             self._stopping = True
-            sessions = list(self._sessions.values())
+            ports = list(self._ports.values())
             self._cond.notify()
-        for session in sessions:
-            session.end("shutdown", "the server is shutting down")
+        for port in ports:
+            port.end("shutdown", "the server is shutting down")
         self._thread.join(timeout=10)
 
-    def _release(self, session: Session) -> None:
-        """Free the slot of an ended session (called by `Session.end`)."""
+    def _ring(self) -> None:
+        """A port's doorbell: input waits, a framing was chosen, or the call ended."""
         with self._cond:
-            if session.slot is not None and self._sessions.get(session.slot) is session:
-                del self._sessions[session.slot]
             self._cond.notify()
+
+    def _drop_ended(self) -> None:
+        """Free the slots of the calls that ended (under the lock)."""
+        for slot in [s for s, p in self._ports.items() if p.ended]:
+            del self._ports[slot]
 
     # --- the engine thread -------------------------------------------------------------
     def _run(self) -> None:
@@ -197,12 +195,14 @@ class EngineWorker:
             while True:
                 if self._stopping:
                     return _Plan(stop=True)
-                for session in list(self._sessions.values()):
-                    session.check_limits()
+                for port in list(self._ports.values()):
+                    port.expire()
+                self._drop_ended()
+                self._fit_grid()
                 now = self._clock()
-                live = [s for s in self._sessions.values() if s.phase is Phase.LIVE]
-                realtime = any(s.limits.realtime for s in live)
-                pending = any(s._input_state(now) is not None for s in live)
+                live = [p for p in self._ports.values() if p.phase is Phase.LIVE]
+                realtime = any(p.realtime for p in live)
+                pending = any(p.waiting_since(now) is not None for p in live)
                 job = next((j for j in self._jobs if j.urgent), self._jobs[0] if self._jobs else None)
                 if pending and not realtime and job is not None and self._pieces_since_tick == 0:
                     return _Plan(job=job)  # recordings tick back to back, but a joining call's prompt goes on between
@@ -244,33 +244,38 @@ class EngineWorker:
         with self._cond:
             self._jobs.remove(job)
 
-    def _tick(self, live: list[Session]) -> None:
+    def _tick(self, live: list[Port]) -> None:
         now = self._clock()
         self._due = self.grid.after(now)
         self._last_tick, self._pieces_since_tick = now, 0
-        bucket = self.engine.bucket_for(max(s.slot for s in live) + 1)  # type: ignore[type-var]
+        slots = [(p, p.slot) for p in live]  # (the engine thread alone moves a call to another slot)
+        bucket = self.engine.bucket_for(max(slot for _, slot in slots) + 1)  # type: ignore[type-var]
         batch = np.zeros((bucket, FRAME_SIZE), dtype=np.float32)
-        for session in live:
-            frame = session._take(now)
+        for port, slot in slots:
+            frame = port.take(now)
             if frame is not None:
-                batch[session.slot] = frame
+                batch[slot] = frame
         start = time.perf_counter()
         out = self.engine.step_host(batch, bucket)
         while not out.ready():  # the GPU works; this thread sleeps, so the event loop serving
             time.sleep(0.0002)  # every connection (WebRTC, Opus) keeps the interpreter meanwhile
         self.last_tick_ms = (time.perf_counter() - start) * 1000
-        for session in live:
-            session._deliver(out.pcm[session.slot].copy(), int(out.text[session.slot]))
+        for port, slot in slots:
+            port.answer(out.pcm[slot].copy(), int(out.text[slot]))
 
-    def _fit_grid(self, session: Session, wait: float) -> None:
-        """A real-time call that is alone moves the ticks to its frames: they come `wait` after
-        its frames are complete, `ALIGN_LEAD_S` (and a margin for the calls that align to it
-        later) is enough. With other calls live the grid stays (they are aligned to it)."""
-        with self._cond:
-            others = [s for s in self._sessions.values() if s is not session and s.phase is Phase.LIVE and s.limits.realtime]
+    def _fit_grid(self) -> None:
+        """A real-time call that is alone moves the ticks to its frames (under the lock): they
+        come `wait` after its frames are complete (`Port.framing_wait`), `ALIGN_LEAD_S` (and a
+        margin for the calls that align to it later) is enough. With other calls live the grid
+        stays (they are aligned to it)."""
+        for port in self._ports.values():
+            wait = port.framing_wait()
+            if wait is None:
+                continue
+            others = [p for p in self._ports.values() if p is not port and p.phase is Phase.LIVE and p.realtime]
             earlier = wait - ALIGN_LEAD_S - GRID_FIT_MARGIN_S
-            if others or not session.limits.realtime or earlier < GRID_STEP_MIN_S:
-                return
+            if others or not port.realtime or earlier < GRID_STEP_MIN_S:
+                continue
             self.grid = TickGrid(epoch=self.grid.epoch - earlier, period_s=self.grid.period_s)
             self._due = self.grid.after(self._last_tick) if self._last_tick > -float("inf") else self._due
 
@@ -279,24 +284,25 @@ class EngineWorker:
         attention windows stay empty instead of filling with silence."""
         with self._cond:
             for slot in range(self.engine.num_slots):
-                if slot not in self._sessions:
+                if slot not in self._ports:
                     self.engine.park(slot)
 
     def _compact(self) -> None:
         """Move the live conversation in the highest slot to the lowest free one when that
         makes the bucket of every tick smaller (a copy of one slot's state)."""
         with self._cond:
-            if not self._sessions:
+            self._drop_ended()
+            if not self._ports:
                 return
-            top = max(self._sessions)
-            free = [s for s in range(top) if s not in self._sessions]
-            session = self._sessions[top]
-            if not free or session.phase is not Phase.LIVE:
+            top = max(self._ports)
+            free = [s for s in range(top) if s not in self._ports]
+            port = self._ports[top]
+            if not free or port.phase is not Phase.LIVE:
                 return
             engine = self.engine
-            if engine.bucket_for(len(self._sessions)) >= engine.bucket_for(top + 1):
+            if engine.bucket_for(len(self._ports)) >= engine.bucket_for(top + 1):
                 return
             engine.move(top, free[0])
-            del self._sessions[top]
-            self._sessions[free[0]] = session
-            session.slot = free[0]
+            del self._ports[top]
+            self._ports[free[0]] = port
+            port.move(free[0])

@@ -163,7 +163,7 @@ def test_the_app_ends_a_call_says_why_frees_everything_and_offers_its_files(serv
         return handler, final
 
     handler, final = asyncio.run(scenario())
-    message = "time limit of 1 s" if ending == "time limit" else "no audio from your browser for 0.5 s"
+    message = "time limit of 1 s" if ending == "time limit" else "no audio from your microphone for 0.5 s"
     assert message in final["live"] and final["ending"]["reason"] == ending
     assert "who speaking" not in final["live"] and "ended" in final["live"]  # the meters stop with the call
     assert all(Path(f["value"]).exists() for f in app.call_files(service, "call-1", OWNER))  # what the page then fetches
@@ -343,7 +343,7 @@ def test_voice_labels_say_what_the_release_names_mean():
 def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
     from personaplex.service import EngineFigures
 
-    assert "Ready** on cpu for 2 conversations at once" in app.status_markdown(service)  # idle: the warm-up's figure
+    assert "Ready**: on cpu for 2 conversations at once" in app.status_markdown(service)  # idle: the warm-up's figure
     for figures, expected, dot in [
         (EngineFigures(1, 2, 21.0), "1 of 2 conversations in progress; an 80 ms frame of all of them takes 21 ms now", "ready"),
         (EngineFigures(2, 2, 70.0), "takes 70 ms now, near the 80 ms a frame lasts", "busy"),

@@ -1,5 +1,5 @@
 """The session's timeline without the UI or a model: a fake clock, and the test plays the engine
-(`_take` / `_deliver`) the way `EngineWorker` does."""
+on the session's port (`bind`, `go_live`, `take`, `answer`) the way `EngineWorker` does."""
 
 from __future__ import annotations
 
@@ -27,25 +27,33 @@ class Clock:
 
 
 class FakeWorker:
-    """What a session needs of its worker."""
+    """The engine's side of a port, as `EngineWorker` plays it: its doorbell counts the rings."""
 
     def __init__(self) -> None:
-        self.released: list[Session] = []
+        self.rings = 0
         self.grid = TickGrid(epoch=0.0)
 
-    def wake(self) -> None:
-        pass
+    def bind(self, session: Session) -> None:
+        session.port.bind(0, 10, False, self.ring)
 
-    def _release(self, session: Session) -> None:
-        self.released.append(session)
+    def ring(self) -> None:
+        self.rings += 1
 
 
 def live_session(limits: Limits = REALTIME) -> tuple[Session, Clock, FakeWorker]:
     clock, worker = Clock(), FakeWorker()
     session = Session(limits, clock=clock)
-    session._bind(worker, 0, 10, describe=lambda text_id: f" w{text_id}")  # type: ignore[arg-type]
-    session._go_live()
+    session.describe = lambda text_id: f" w{text_id}"
+    worker.bind(session)
+    session.port.go_live(worker.grid)
     return session, clock, worker
+
+
+def ended_and_rang(session: Session, worker: FakeWorker) -> bool:
+    """The call ended and told the engine (which then frees its slot)."""
+    rings = worker.rings
+    session.end("stopped", "again")  # a second end changes nothing and rings nothing
+    return session.port.ended and rings > 0 and worker.rings == rings
 
 
 def user_frame(k: int) -> np.ndarray:
@@ -59,8 +67,8 @@ def answer(user: np.ndarray) -> np.ndarray:
 def run_engine(session: Session, now: float) -> int:
     """Answer every frame waiting for the engine (the worker ticks while input waits)."""
     done = 0
-    while (user := session._take(now)) is not None:
-        session._deliver(answer(user), round(float(user[0]) * 1000))
+    while (user := session.port.take(now)) is not None:
+        session.port.answer(answer(user), round(float(user[0]) * 1000))
         done += 1
     return done
 
@@ -155,7 +163,7 @@ def test_a_consumer_that_never_fetches_holds_a_bounded_queue_and_loses_nothing_f
         clock.t = FRAME_S * (k + 1)
         session.push(user_frame(k))
         run_engine(session, clock.t)
-        assert len(session._frames) <= REALTIME.max_pending
+        assert len(session.port._frames) <= REALTIME.max_pending
     assert session.stats.dropped_out == 100 - REALTIME.max_pending
     session.end("stopped", "bye")
     session.close()
@@ -164,8 +172,8 @@ def test_a_consumer_that_never_fetches_holds_a_bounded_queue_and_loses_nothing_f
 
 def test_a_tick_without_input_is_counted_and_answers_nothing():
     session, clock, _ = live_session()
-    assert session._take(clock.t) is None
-    session._deliver(np.ones(FRAME_SIZE, dtype=np.float32), 5)
+    assert session.port.take(clock.t) is None
+    session.port.answer(np.ones(FRAME_SIZE, dtype=np.float32), 5)
     assert session.stats.idle_ticks == 1 and drain(session) == []
 
 
@@ -173,9 +181,9 @@ def test_input_during_the_system_prompt_is_answered_with_silence_at_once():
     clock, worker = Clock(), FakeWorker()
     session = Session(REALTIME, clock=clock)
     session.push(user_frame(0))  # no slot yet
-    session._bind(worker, 0, 10, describe=str)  # type: ignore[arg-type]
+    worker.bind(session)
     session.push(user_frame(1))  # the prompt is running
-    assert session.phase is Phase.STARTING and session._take(clock.t) is None
+    assert session.phase is Phase.STARTING and session.port.take(clock.t) is None
     outs = drain(session)
     assert [(o.index, o.from_model) for o in outs] == [(0, False), (1, False)] and session.stats.unheard == 2
 
@@ -184,7 +192,7 @@ def test_a_quiet_client_and_the_time_limit_end_the_session_and_free_its_slot():
     session, clock, worker = live_session()
     clock.t = REALTIME.idle_timeout_s + 0.1
     session.check_limits()
-    assert session.ending.reason == "idle" and worker.released == [session]
+    assert session.ending.reason == "idle" and ended_and_rang(session, worker)
     session.push(user_frame(0))  # after the end: ignored
     assert session.stats.frames_in == 0 and session.next(0) is None
 
@@ -193,14 +201,14 @@ def test_a_quiet_client_and_the_time_limit_end_the_session_and_free_its_slot():
         clock.t = FRAME_S * (k + 1)
         session.push(user_frame(k))
     session.next(0)
-    assert session.ending.reason == "time limit" and "5 s" in session.ending.message and worker.released == [session]
+    assert session.ending.reason == "time limit" and "5 s" in session.ending.message and ended_and_rang(session, worker)
 
 
 def test_end_keeps_the_first_reason():
     session, _, worker = live_session()
     session.end("refused", "no")
     session.end("stopped", "later")
-    assert session.ending.reason == "refused" and worker.released == [session]
+    assert session.ending.reason == "refused" and ended_and_rang(session, worker)
 
 
 def test_an_async_consumer_wakes_when_the_engine_answers_from_its_thread():
@@ -240,15 +248,17 @@ def test_the_framing_shifts_once_so_frames_end_just_before_the_ticks_keeping_eve
 
     clock, worker = Clock(), FakeWorker()  # ticks at k * 80 ms
     session = Session(REALTIME, clock=clock)
-    session._bind(worker, 0, 10, describe=str)  # type: ignore[arg-type]
+    worker.bind(session)
     raw = np.arange(1, 200 * chunk + 1, dtype=np.float32) / (200 * chunk)  # every sample different, none zero
     chunk_s, ends, outs = chunk / 24000, [], []
     for i in range(120):
         clock.t = 1.0 + phase_s + (i + 1) * chunk_s + 0.0003  # the chunk has arrived
         if i == 10:
-            assert session._go_live() is not None  # the prompt has run: the shift happens now, from 10 arrivals
+            session.port.go_live(worker.grid)  # the prompt has run: the next push shifts, from 10 arrivals
         before = session.stats.frames_in
         session.push(raw[i * chunk : (i + 1) * chunk])
+        if i == 10:
+            assert session.framing_shift is not None and session.port.framing_wait() is not None  # told to the engine
         if session.stats.frames_in > before and i > 10:
             ends.append(clock.t)
         run_engine(session, clock.t)
@@ -267,13 +277,13 @@ def test_a_backlog_is_skipped_in_a_pause_and_bounded_while_someone_speaks():
     quiet, loud = np.zeros(FRAME_SIZE, dtype=np.float32), np.full(FRAME_SIZE, 0.2, dtype=np.float32)
     session.push(np.concatenate([quiet, quiet, quiet]))  # a burst after a stall: three frames at once
     clock.t = FRAME_S + 0.01  # a tick later, two still wait: quiet, so the older ones are skipped
-    assert session._take(clock.t) is not None and len(session._queue) == 0
+    assert session.port.take(clock.t) is not None and len(session.port._queue) == 0
     assert session.stats.trimmed == 2 and session.stats.unheard == 0
-    session._deliver(quiet, 0)
+    session.port.answer(quiet, 0)
     clock.t = 1.0
     session.push(np.concatenate([loud] * 4))
     clock.t += FRAME_S + 0.01  # the user speaks: nothing skipped, the backlog stays (at most max_queued)
-    assert session._take(clock.t) is not None and len(session._queue) == 3 and session.stats.unheard == 0
+    assert session.port.take(clock.t) is not None and len(session.port._queue) == 3 and session.stats.unheard == 0
     outs = drain(session)
     assert [o.from_model for o in outs] == [False, False, True]  # the skipped frames are answered with silence
     assert session.stats.silent_out == 0  # and not counted as the model's lateness

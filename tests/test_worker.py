@@ -32,7 +32,8 @@ def persona(engine: Engine, role: str):
 
 def open_session(worker: EngineWorker, role: str = "", limits: Limits = REALTIME, sampling: SamplingParams | None = None) -> Session:
     session = Session(limits)
-    worker.open(session, worker.engine.plan(persona(worker.engine, role)), sampling or SamplingParams(greedy=True), describe=str)
+    session.describe = str
+    worker.open(session.port, worker.engine.plan(persona(worker.engine, role)), sampling or SamplingParams(greedy=True))
     return session
 
 
@@ -108,7 +109,7 @@ def test_a_consumer_that_blocks_for_a_second_delays_no_other_sessions_frames(wor
     assert len(delays) == len(frames)
     assert other.stats.silent_out == 0 and other.stats.unheard == 0  # every frame answered by the model
     assert max(delays) < REALTIME.max_delay_s  # and in time
-    assert blocked.stats.frames_in == len(frames) and len(blocked._frames) <= REALTIME.max_pending
+    assert blocked.stats.frames_in == len(frames) and len(blocked.port._frames) <= REALTIME.max_pending
     for s in (blocked, other):
         s.end("stopped", "bye")
 
@@ -149,7 +150,7 @@ def test_a_bad_prompt_is_refused_before_it_takes_a_slot(worker):
     empty = persona(worker.engine, "")
     empty = type(empty)(tokens=empty.tokens[:, :0])  # a prompt without frames cannot start
     with pytest.raises(PromptError, match="a prompt needs 2 to"):
-        worker.open(Session(), worker.engine.plan(empty), SamplingParams(), describe=str)
+        worker.open(Session().port, worker.engine.plan(empty), SamplingParams())
     assert worker.live_sessions == 0
 
 
@@ -268,11 +269,18 @@ def test_the_ticks_move_to_a_call_that_is_alone_and_stay_for_the_next(worker):
     wait_live(first)
     wait_live(second)
     epoch = worker.grid.epoch
-    worker._fit_grid(first, 0.03)  # not alone: the grid stays for the other
-    assert worker.grid.epoch == epoch
+    first.port.framing_chosen(0.03)  # not alone: the grid stays for the other
+    deadline = time.monotonic() + 2
+    while first.port._framing_wait is not None and time.monotonic() < deadline:
+        time.sleep(0.01)  # the worker has read it
+    assert first.port._framing_wait is None and worker.grid.epoch == epoch
     second.end("stopped", "bye")
-    worker._fit_grid(first, 0.03)  # alone: its frames waited 30 ms, now lead and margin
-    assert worker.grid.epoch == pytest.approx(epoch - (0.03 - ALIGN_LEAD_S - GRID_FIT_MARGIN_S))
+    first.port.framing_chosen(0.03)  # alone: its frames waited 30 ms, now lead and margin
+    want = pytest.approx(epoch - (0.03 - ALIGN_LEAD_S - GRID_FIT_MARGIN_S))
+    deadline = time.monotonic() + 2
+    while worker.grid.epoch != want and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.grid.epoch == want
     first.end("stopped", "bye")
 
 
