@@ -39,6 +39,7 @@ from fastrtc import AsyncStreamHandler, WebRTC
 from fastrtc.utils import create_message, get_current_context
 from gradio.utils import get_upload_folder as gradio_upload_folder
 from starlette.middleware import Middleware
+from starlette.routing import WebSocketRoute
 
 from personaplex import inputs
 from personaplex.audio import AudioError, HalfRate, float_to_int16, int16_to_float, read_audio, wav_bytes
@@ -57,7 +58,7 @@ from personaplex.service import (
 )
 from personaplex.session import REALTIME, Limits, Phase, Session
 from personaplex.transcript import clock_text
-from web import call_page
+from web import api_chat, call_page
 from web.call_page import CAPTION_TURNS, MESSAGE_TYPE, CallFigures, CallPage, idle_html
 from web.connections import MAX_OPENING, CallConnections
 from web.gradio_queue import explain_refusals, forget_finished_events, quiet_component_server, short_reason
@@ -743,9 +744,12 @@ def main(argv: list[str] | None = None) -> None:
     quiet_component_server()
     doors = Middleware(RequestLimits, limits=RequestSizes(trust_proxy=bool(os.environ.get("SPACE_ID"))),
                        upload_dir=lambda: Path(gradio_upload_folder()))
+    personas, default = load_personas()
+    chat = WebSocketRoute(api_chat.PATH, api_chat.ChatDoor(service, limits, personas[default].get("voice", "NATF2")).serve)
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size="100mb", quiet=True,
-        prevent_thread_lock=True, state_session_capacity=SESSIONS_KEPT, app_kwargs={"middleware": [doors]},
+        prevent_thread_lock=True, state_session_capacity=SESSIONS_KEPT,
+        app_kwargs={"middleware": [doors], "routes": [chat]},  # the WebSocket protocol beside the page
     )
     logger.info("%s: open %s in a browser", PAGE_UP, demo.local_url)
     if args.share:

@@ -40,7 +40,7 @@ from .persona import VoicePrompt
 from .recording import FileStore
 from .sampling import SamplingParams
 from .session import OFFLINE, Session
-from .text import caption_text
+from .text import caption_text, piece_text
 from .transcript import FRAME_S, Transcript, level_db
 from .worker import EngineWorker
 
@@ -416,6 +416,10 @@ class Service:
     def describe(self, text_id: int) -> str:
         """The words of one text id, as people read them."""
         return caption_text(text_id, self.models.tokenizer) if self.models is not None else ""
+
+    def text_piece(self, text_id: int) -> str:
+        """One text id as the official server sends it: the piece with "▁" as a space, '' for padding."""
+        return piece_text(text_id, self.models.tokenizer) if self.models is not None else ""
 
     def start_call(self, session: Session, voice: str, role: str, sampling: SamplingParams,
                    keep_persona: bool = True) -> None:

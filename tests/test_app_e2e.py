@@ -120,3 +120,24 @@ def test_the_client_exits_non_zero_with_the_apps_message_when_a_call_is_refused(
                           "--voice", "NATF2", "--seconds", "5"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "unknown voice 'NATF2'; this checkpoint has: TESTV0" in run.stderr, run.stderr
     assert not (tmp_path / "reply.wav").exists()
+
+
+def test_the_page_and_the_websocket_protocol_serve_calls_at_once_from_one_engine(running_app, client, speech):
+    from examples.chat_client import talk
+
+    ws_url = running_app.url.replace("http://", "ws://") + "/api/chat"
+    speech_24k = speech[::2].copy()  # (the WebRTC client's 48 kHz speech, at the protocol's 24 kHz)
+
+    async def both():
+        return await asyncio.gather(client.converse(running_app.url, speech, 5.0, {"voice": "TESTV0"}),
+                                    talk(ws_url, {"voice_prompt": "TESTV0.pt", "text_prompt": ""}, speech_24k, 5.0))
+
+    webrtc, ws = asyncio.run(both())
+    assert webrtc.audio.size / client.RATE > 3.5 and webrtc.ended is None
+    assert ws.error is None and ws.seconds > 4.5 and "".join(ws.text).strip()
+    deadline = time.monotonic() + 5
+    ended = []
+    while not ended and time.monotonic() < deadline:
+        ended = [line for line in running_app.output().splitlines() if "web.api_chat: chat" in line and "ended (stopped)" in line]
+        time.sleep(0.1)
+    assert ended  # the WebSocket call's ending, in one line with its reason
