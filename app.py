@@ -41,7 +41,7 @@ from gradio.utils import get_upload_folder as gradio_upload_folder
 from starlette.middleware import Middleware
 from starlette.routing import WebSocketRoute
 
-from personaplex import inputs
+from personaplex import api_chat, inputs
 from personaplex.audio import AudioError, HalfRate, float_to_int16, int16_to_float, read_audio, wav_bytes
 from personaplex.config import SAMPLE_RATE
 from personaplex.errors import SettingsError, UserError
@@ -58,7 +58,7 @@ from personaplex.service import (
 )
 from personaplex.session import REALTIME, Limits, Phase, Session
 from personaplex.transcript import clock_text
-from web import api_chat, call_page
+from web import call_page
 from web.call_page import CAPTION_TURNS, MESSAGE_TYPE, CallFigures, CallPage, idle_html
 from web.connections import MAX_OPENING, CallConnections
 from web.gradio_queue import explain_refusals, forget_finished_events, quiet_component_server, short_reason
@@ -717,7 +717,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="concurrent conversations (default: what fits the device's memory)")
     p.add_argument("--time-limit", type=float, default=float(env("TIME_LIMIT", "600")), help="seconds per call (0: none)")
     p.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", str(REALTIME.idle_timeout_s))),
-                   help="seconds without audio from the browser before a call is closed")
+                   help="seconds without audio from the caller before a call is closed")
+    p.add_argument("--ssl-certfile", help="serve https and wss with this certificate (NVIDIA's web client needs wss)")
+    p.add_argument("--ssl-keyfile", help="the certificate's key")
     return p.parse_args(argv)
 
 
@@ -729,6 +731,8 @@ def main(argv: list[str] | None = None) -> None:
     warnings.filterwarnings("ignore", message="The 'show_copy_all_button' parameter")  # Gradio 6 renames these
     warnings.filterwarnings("ignore", message="The 'show_api' parameter in event listeners")  # Gradio 6 renames it
     args = parse_args(argv)
+    if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
+        raise SystemExit("give both --ssl-certfile and --ssl-keyfile, or neither")
     os.umask(0o077)  # what the app writes (recordings, uploads, Gradio's copies) is its own: folders 0700, files 0600
     settings, banner = model_settings(args)
     service = Service(settings)
@@ -749,6 +753,7 @@ def main(argv: list[str] | None = None) -> None:
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size="100mb", quiet=True,
         prevent_thread_lock=True, state_session_capacity=SESSIONS_KEPT,
+        ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, ssl_verify=not args.ssl_certfile,
         app_kwargs={"middleware": [doors], "routes": [chat]},  # the WebSocket protocol beside the page
     )
     logger.info("%s: open %s in a browser", PAGE_UP, demo.local_url)

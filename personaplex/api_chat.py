@@ -1,7 +1,8 @@
 """The Moshi/PersonaPlex WebSocket protocol at `/api/chat`: the door every existing client knows.
 
 Implements:
-  * `ChatDoor`: the WebSocket endpoint (Starlette), on the page's own server. Each connection is
+  * `ChatDoor`: the WebSocket endpoint (Starlette), on the page's own server (`app.py`) and on
+    each engine replica of a cluster (`personaplex.cluster`). Each connection is
     one call, an adapter like the WebRTC handler: the client's Opus pages -> `Session.push`;
     `Session.next_async` -> Opus pages and text pieces; the session's ending -> an error message
     with its reason, then the close. The call's rules (one 80 ms frame out per 80 ms in, the time
@@ -28,13 +29,13 @@ from typing import Any
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from personaplex import inputs
-from personaplex.config import DEFAULT_TEXT_PROMPT, SAMPLE_RATE
-from personaplex.errors import SettingsError, UserError
-from personaplex.sampling import SamplingParams
-from personaplex.service import Service
-from personaplex.session import Limits, Session
-from personaplex.transcript import clock_text
+from . import inputs
+from .config import DEFAULT_TEXT_PROMPT, SAMPLE_RATE
+from .errors import SettingsError, UserError
+from .sampling import SamplingParams
+from .service import Service
+from .session import Limits, Session
+from .transcript import clock_text
 
 logger = logging.getLogger(__name__)
 
