@@ -46,6 +46,7 @@ from personaplex.audio import AudioError, HalfRate, float_to_int16, int16_to_flo
 from personaplex.config import SAMPLE_RATE
 from personaplex.errors import SettingsError, UserError
 from personaplex.health import CallView
+from personaplex.remote import RemoteService
 from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams
 from personaplex.service import (
     CUSTOM_VOICE_SECONDS,
@@ -159,7 +160,7 @@ def whole_number(component: gr.components.Component) -> gr.components.Component:
 class Calls:
     """What every connection's handler shares."""
 
-    service: Service
+    service: Service | RemoteService
     limits: Limits
     connections: CallConnections | None = None  # who opened which call; closes one the app ends
 
@@ -335,9 +336,10 @@ def call_files(service: Service, webrtc_value: Any, owner: Any):
 
 
 # --- the page --------------------------------------------------------------------------------
-def build_ui(service: Service, limits: Limits, max_sessions: int, banner: str = "") -> gr.Blocks:
+def build_ui(service: Service | RemoteService, limits: Limits, max_sessions: int, banner: str = "") -> gr.Blocks:
     personas, default = load_personas()
     calls = Calls(service, limits)
+    remote = isinstance(service, RemoteService)  # calls go to a cluster: no previews, no offline tab
     rtc, server_rtc = turn_configuration()
     low, high = CUSTOM_VOICE_SECONDS
     context_min = service.context_s / 60
@@ -351,6 +353,9 @@ def build_ui(service: Service, limits: Limits, max_sessions: int, banner: str = 
         gr.Markdown("# PersonaPlex Live\nTalk with NVIDIA PersonaPlex-7B: it listens while it speaks, you can interrupt, and you choose who it is and how it sounds.")
         if banner:
             gr.Markdown(banner, elem_id="banner")
+        if remote:
+            gr.Markdown("Calls from this page go to an engine cluster. Voice previews and the offline tab need a "
+                        "model on this server, so they are not shown.", elem_id="remote_note")
         status = gr.Markdown(status_markdown(service), elem_id="status")
         with gr.Row(equal_height=False):
             with gr.Column(scale=3, min_width=340):
@@ -372,7 +377,7 @@ def build_ui(service: Service, limits: Limits, max_sessions: int, banner: str = 
                     files_trigger = gr.Button("the call's files", elem_id="call_files", elem_classes="pp-hidden")
                     gr.Markdown("Headphones avoid echo. The model hears you while it talks: interrupt it any time.",
                                 elem_classes="hint")
-                with gr.Tab("Offline"):
+                with gr.Tab("Offline", visible=not remote):
                     gr.Markdown("No WebRTC needed: give the user's side of a conversation, get the model's side back.")
                     offline_in = gr.Audio(sources=["upload", "microphone"], type="filepath", label="User side", elem_id="offline_in")
                     offline_run = gr.Button("Generate the model's side", variant="primary", elem_id="offline_run")
@@ -390,7 +395,7 @@ def build_ui(service: Service, limits: Limits, max_sessions: int, banner: str = 
                 voice = gr.Dropdown(voice_choices(RELEASE_VOICES), value=personas[default].get("voice", "NATF2"), label="Voice",
                                     elem_id="voice", allow_custom_value=True)  # the checkpoint's list arrives after loading
                 with gr.Row():
-                    preview = gr.Button("▶ Hear this voice", size="sm", elem_id="preview")
+                    preview = gr.Button("▶ Hear this voice", size="sm", elem_id="preview", visible=not remote)
                 preview_audio = gr.Audio(label="The model greeting you in this voice", type="filepath", autoplay=True,
                                          visible=False, elem_id="preview_audio", interactive=False)
                 with gr.Accordion("Custom voice", open=False, elem_id="custom_voice"):
@@ -501,7 +506,7 @@ def hide_internal_events(demo: gr.Blocks) -> None:
             fn.show_api = False
 
 
-def status_markdown(service: Service) -> str:
+def status_markdown(service: Service | RemoteService) -> str:
     """The engine now (`Service.summary`), with a coloured dot."""
     summary = service.summary()
     text = f"<span class='dot {summary.level}'></span> **{summary.title}**: {html.escape(summary.text, quote=False)}"
@@ -718,6 +723,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--time-limit", type=float, default=float(env("TIME_LIMIT", "600")), help="seconds per call (0: none)")
     p.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", str(REALTIME.idle_timeout_s))),
                    help="seconds without audio from the caller before a call is closed")
+    p.add_argument("--engine-url", default=env("ENGINE_URL"),
+                   help="run no model here: send every call to the engine cluster at ws://HOST:PORT/api/chat")
     p.add_argument("--ssl-certfile", help="serve https and wss with this certificate (NVIDIA's web client needs wss)")
     p.add_argument("--ssl-keyfile", help="the certificate's key")
     return p.parse_args(argv)
@@ -734,8 +741,11 @@ def main(argv: list[str] | None = None) -> None:
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SystemExit("give both --ssl-certfile and --ssl-keyfile, or neither")
     os.umask(0o077)  # what the app writes (recordings, uploads, Gradio's copies) is its own: folders 0700, files 0600
-    settings, banner = model_settings(args)
-    service = Service(settings)
+    if args.engine_url:  # no model here: every call goes to the cluster (personaplex.cluster)
+        service, banner = RemoteService(args.engine_url), ""
+    else:
+        settings, banner = model_settings(args)
+        service = Service(settings)
     # A stopped server ends its calls, stops the engine thread (exiting under a running torch op
     # aborts the process) and deletes its files on the way out.
     signal.signal(signal.SIGTERM, lambda *_: (service.stop(), sys.exit(0)))
@@ -749,12 +759,13 @@ def main(argv: list[str] | None = None) -> None:
     doors = Middleware(RequestLimits, limits=RequestSizes(trust_proxy=bool(os.environ.get("SPACE_ID"))),
                        upload_dir=lambda: Path(gradio_upload_folder()))
     personas, default = load_personas()
-    chat = WebSocketRoute(api_chat.PATH, api_chat.ChatDoor(service, limits, personas[default].get("voice", "NATF2")).serve)
+    routes = [] if args.engine_url else [  # (in front of a cluster, its own /api/chat is the door)
+        WebSocketRoute(api_chat.PATH, api_chat.ChatDoor(service, limits, personas[default].get("voice", "NATF2")).serve)]
     demo.launch(
         server_name=args.host, server_port=args.port, share=args.share, max_file_size="100mb", quiet=True,
         prevent_thread_lock=True, state_session_capacity=SESSIONS_KEPT,
         ssl_certfile=args.ssl_certfile, ssl_keyfile=args.ssl_keyfile, ssl_verify=not args.ssl_certfile,
-        app_kwargs={"middleware": [doors], "routes": [chat]},  # the WebSocket protocol beside the page
+        app_kwargs={"middleware": [doors], "routes": routes},  # the WebSocket protocol beside the page
     )
     logger.info("%s: open %s in a browser", PAGE_UP, demo.local_url)
     if args.share:

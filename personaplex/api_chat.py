@@ -8,7 +8,8 @@ Implements:
     with its reason, then the close. The call's rules (one 80 ms frame out per 80 ms in, the time
     limit, the idle timeout, busy) are the session's and the service's, as for a WebRTC call.
   * `chat_settings`: the query (`text_prompt`, `voice_prompt`, `seed`, `text_temperature`,
-    `text_topk`, `audio_temperature`, `audio_topk`), checked as the page checks its values;
+    `text_topk`, `audio_temperature`, `audio_topk`; ours also `greedy` and `keep_persona`, which
+    a page in front of a cluster sends: `chat_query`), checked as the page checks its values;
     what the official clients also send and the official server ignores is ignored here too.
 
 The protocol (kyutai-labs/moshi `rust/protocol.md`; NVIDIA/personaplex `moshi/server.py`): binary
@@ -22,8 +23,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -33,9 +35,10 @@ from . import inputs
 from .config import DEFAULT_TEXT_PROMPT, SAMPLE_RATE
 from .errors import SettingsError, UserError
 from .sampling import SamplingParams
-from .service import Service
+from .service import CUSTOM_VOICE_PREFIX, Service
 from .session import Limits, Session
 from .transcript import clock_text
+from .worker import Busy
 
 logger = logging.getLogger(__name__)
 
@@ -54,24 +57,38 @@ SAMPLING_QUERY = {  # query parameter -> (the page's name for it, its default)
 }
 
 
-def chat_settings(query: Mapping[str, str], voices: list[str], default_voice: str) -> tuple[str, str, SamplingParams]:
+def chat_settings(query: Mapping[str, str], voices: list[str], default_voice: str,
+                  custom: bool = False) -> tuple[str, str, SamplingParams]:
     """(voice, role, sampling) from a connection's query. A voice is one of `voices`, by name or
-    as the official clients send it (`NATF2.pt`): never a path. An empty role is the default."""
+    as the official clients send it (`NATF2.pt`), or with `custom` a custom voice's key: never
+    a path. An empty role is the default."""
     role = inputs.text("text_prompt", query.get("text_prompt")).strip() or DEFAULT_TEXT_PROMPT
-    voice = chat_voice(query.get("voice_prompt"), voices, default_voice)
+    voice = chat_voice(query.get("voice_prompt"), voices, default_voice, custom)
     values = {name: _query_number(name, query[key]) if key in query else default
               for key, (name, default) in SAMPLING_QUERY.items()}
     seed = _query_number("seed", query["seed"]) if "seed" in query else inputs.RANDOM_SEED
+    greedy = query.get("greedy", "false")  # ours: the official clients do not send it
     sampling = inputs.sampling_settings(values["temp_text"], values["topk_text"], values["temp_audio"],
-                                        values["topk_audio"], seed, False)
+                                        values["topk_audio"], seed, greedy)
     return voice, role, sampling
 
 
-def chat_voice(value: str | None, voices: list[str], default_voice: str) -> str:
-    """A release voice by name (`NATF2`) or file name (`NATF2.pt`); anything else is refused."""
+def chat_query(voice: str, role: str, sampling: SamplingParams, keep_persona: bool = True) -> dict[str, str]:
+    """A call's settings as the query `chat_settings` reads (what a page in front of a cluster sends)."""
+    return {"text_prompt": role, "voice_prompt": voice, "seed": str(sampling.seed), "greedy": str(sampling.greedy).lower(),
+            "text_temperature": str(sampling.temp_text), "text_topk": str(sampling.topk_text),
+            "audio_temperature": str(sampling.temp_audio), "audio_topk": str(sampling.topk_audio),
+            "keep_persona": str(keep_persona).lower()}
+
+
+def chat_voice(value: str | None, voices: list[str], default_voice: str, custom: bool = False) -> str:
+    """A release voice by name (`NATF2`) or file name (`NATF2.pt`), or with `custom` a custom
+    voice's key (`custom:` and 32 hex digits); anything else is refused."""
     if not value:  # the page's default persona's voice, or the checkpoint's first
         return default_voice if default_voice in voices or not voices else voices[0]
     name = inputs.text("voice_prompt", value, max_chars=MAX_NAME_CHARS)
+    if custom and re.fullmatch(re.escape(CUSTOM_VOICE_PREFIX) + "[0-9a-f]{32}", name):
+        return name
     name = name[: -len(".pt")] if name.lower().endswith(".pt") else name
     if voices and name not in voices:  # (no voices yet: the model is loading, and the service says so)
         shown = name if name.isalnum() else repr(name)
@@ -93,10 +110,16 @@ def _query_number(name: str, text: str) -> Any:
 class ChatDoor:
     """The `/api/chat` endpoint: one `ChatCall` per connection."""
 
-    def __init__(self, service: Service, limits: Limits, default_voice: str) -> None:
+    def __init__(self, service: Service, limits: Limits, default_voice: str,
+                 custom_voice: Callable[[str], Awaitable[None]] | None = None, busy: str | None = None) -> None:
+        """`custom_voice`: makes a custom voice's key usable here before a call with it starts
+        (a cluster's replica fetches the clip from its store); None: no custom voices. `busy`:
+        what a caller is told when every slot is taken (default: the engine's own words)."""
+        self.busy = busy
         self.service = service
         self.limits = limits
         self.default_voice = default_voice
+        self.custom_voice = custom_voice
 
     async def serve(self, websocket: WebSocket) -> None:
         """The endpoint (`starlette.routing.WebSocketRoute(PATH, door.serve)`)."""
@@ -143,11 +166,17 @@ class ChatCall:
     async def _start(self) -> bool:
         """The call's settings and slot; a refusal is said (kind 5) and the connection closed."""
         try:
-            voice, role, sampling = chat_settings(self.ws.query_params, self.service.voice_names(), self.door.default_voice)
-            await asyncio.to_thread(self.service.start_call, self.session, voice, role, sampling, True)
+            custom = self.door.custom_voice
+            voice, role, sampling = chat_settings(self.ws.query_params, self.service.voice_names(), self.door.default_voice,
+                                                  custom is not None)
+            if custom is not None and voice.startswith(CUSTOM_VOICE_PREFIX):
+                await custom(voice)
+            keep = inputs.flag("keep_persona", self.ws.query_params.get("keep_persona", "true"))  # ours, like greedy
+            await asyncio.to_thread(self.service.start_call, self.session, voice, role, sampling, keep)
         except UserError as exc:
-            logger.info("chat %s: refused: %s", self.tag, str(exc)[:LOGGED_CHARS])
-            self.session.end("refused", str(exc))
+            reason = self.door.busy if isinstance(exc, Busy) and self.door.busy else str(exc)
+            logger.info("chat %s: refused: %s", self.tag, reason[:LOGGED_CHARS])
+            self.session.end("refused", reason)
             return False
         logger.info("chat %s: started with voice %s", self.tag, voice)
         return True
@@ -177,12 +206,12 @@ class ChatCall:
                 if self.session.ending is not None:
                     return
                 continue
+            piece = self.service.text_piece(out.text_id) if out.text_id is not None else ""
+            if piece:  # before the frame's audio, as the official server's come (a client pairs them so)
+                await self.ws.send_bytes(bytes([TEXT]) + piece.encode())
             audio = self.writer.append_pcm(out.pcm)
             if len(audio):
                 await self.ws.send_bytes(bytes([AUDIO]) + bytes(audio))
-            piece = self.service.text_piece(out.text_id) if out.text_id is not None else ""
-            if piece:
-                await self.ws.send_bytes(bytes([TEXT]) + piece.encode())
 
     async def _finish(self) -> None:
         """Say why the call ended (unless the client ended it), close, and log it once."""

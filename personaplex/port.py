@@ -123,7 +123,7 @@ class Port:
         self._cond = threading.Condition()
         self._frames: deque[CallFrame] = deque()  # accepted and not yet handed out, oldest first
         self._queue: deque[CallFrame] = deque()  # of them, those waiting for the engine
-        self._taken: CallFrame | None = None
+        self._taken: deque[CallFrame] = deque()  # taken and not answered yet, oldest first (the worker: at most one)
         self._spent: list[CallFrame] = []  # handed out or dropped: for the caller's recording
         self._last_answer: np.ndarray | None = None  # the model's latest audio (is it speaking?)
         self._waiters = _Waiters()
@@ -249,6 +249,7 @@ class Port:
             self._spent.extend(self._frames)
             self._frames.clear()
             self._queue.clear()
+            self._taken.clear()
             self._cond.notify_all()
         self._waiters.wake()
         self._doorbell()
@@ -310,13 +311,15 @@ class Port:
                 self._trim_backlog(now)
             frame = self._queue.popleft()
             frame.state = _State.TAKEN
-            self._taken = frame
+            self._taken.append(frame)
             return frame.user
 
     def answer(self, pcm: np.ndarray, text_id: int) -> None:
-        """The tick's answer to what `take` gave (copies nothing the caller reuses)."""
+        """The answer to the oldest frame `take` gave and not answered yet (an engine answers each
+        tick's before the next; a remote engine has several on the way). Copies nothing the
+        caller reuses."""
         with self._cond:
-            frame, self._taken = self._taken, None
+            frame = self._taken.popleft() if self._taken else None
             if frame is None:
                 self.stats.idle_ticks += 1  # a tick without input: nothing to answer
             elif frame.state is _State.TAKEN:
@@ -368,10 +371,10 @@ class Port:
         while self._queue and now - self._queue[0].arrived > self.limits.max_delay_s:
             self._queue.popleft().state = _State.DONE
             self.stats.unheard += 1
-        taken = self._taken
-        if taken is not None and taken.state is _State.TAKEN and now - taken.arrived > self.limits.max_delay_s + self.limits.stall_s:
-            taken.state = _State.DONE  # the engine stalled: its answer will be dropped
-            self.stats.dropped_out += 1
+        for taken in self._taken:
+            if taken.state is _State.TAKEN and now - taken.arrived > self.limits.max_delay_s + self.limits.stall_s:
+                taken.state = _State.DONE  # the engine stalled: its answer will be dropped
+                self.stats.dropped_out += 1
         if self._frames and self._frames[0].state is _State.DONE:
             self._cond.notify_all()
 

@@ -311,7 +311,7 @@ class Service:
         """Validate, normalise and encode an uploaded voice clip for `owner` (a page session):
         its key is made from the clip and the owner with a secret of this server, so another page
         can neither use it nor find out, by uploading the same clip, that it was uploaded."""
-        engine, worker = self._require_ready()
+        self._require_ready()
         path = Path(path)
         if not path.is_file():  # a client named an upload that is not (or no longer) on the server
             raise AudioError(f"{path.name}: the clip is not on the server (any more): upload it again")
@@ -319,7 +319,30 @@ class Service:
             raise AudioError(f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB: upload a short clip of speech")
         data = path.read_bytes()
         mac = hmac.new(self._secret, owner.encode() + b"\0" + hashlib.sha256(data).digest(), hashlib.sha256)
-        key = CUSTOM_VOICE_PREFIX + mac.hexdigest()[:32]
+        return self._encode_custom_voice(path, CUSTOM_VOICE_PREFIX + mac.hexdigest()[:32])
+
+    def add_custom_voice_bytes(self, data: bytes, key: str) -> CustomVoice:
+        """A clip as bytes, under a key made elsewhere (a cluster's voice store, which keys it
+        for its page: `personaplex.cluster`)."""
+        self._require_ready()
+        if len(data) > MAX_UPLOAD_BYTES:
+            raise AudioError(f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB: upload a short clip of speech")
+        if not key.startswith(CUSTOM_VOICE_PREFIX):
+            raise SettingsError("a custom voice's key starts with " + CUSTOM_VOICE_PREFIX)
+        upload = self.files.cached("upload-" + secrets.token_hex(8))
+        try:
+            upload.write_bytes(data)
+            return self._encode_custom_voice(upload, key)
+        finally:
+            upload.unlink(missing_ok=True)
+
+    def has_voice(self, name: str) -> bool:
+        """A custom voice this engine has encoded (and still keeps), or a checkpoint voice."""
+        with self._lock:
+            return name in self._custom or name in self.voice_names()
+
+    def _encode_custom_voice(self, path: Path, key: str) -> CustomVoice:
+        engine, worker = self._require_ready()
         low, high = CUSTOM_VOICE_SECONDS
         pcm = read_audio(path, max_seconds=high)
         seconds = pcm.size / SAMPLE_RATE

@@ -130,13 +130,15 @@ class RunningApp:
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADIO_ANALYTICS_ENABLED": "False", **(env or {})}
         self.process = subprocess.Popen(args, stdout=self.log, stderr=subprocess.STDOUT, env=env, cwd=str(ROOT))
 
-    def wait_ready(self, timeout: float = 120.0) -> None:
+    def wait_ready(self, timeout: float = 120.0, marker: str = "ready: ready") -> None:
+        """Until the page is up and the log has `marker` (a page in front of a cluster logs
+        "ready: the engine cluster")."""
         import time
 
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             text = self.output()
-            if "ready: ready" in text and "the page is up" in text:
+            if marker in text and "the page is up" in text:
                 return
             if self.process.poll() is not None or "failed:" in text:
                 break
