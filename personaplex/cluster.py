@@ -25,11 +25,14 @@ the live ones meanwhile.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import hashlib
 import hmac
 import logging
+import random
 import secrets
 import signal
+import sys
 import threading
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
@@ -50,6 +53,7 @@ from .session import REALTIME, Limits
 
 logger = logging.getLogger(__name__)
 
+PROBE_S = 0.5  # a replica that does not say within this how many calls it holds gets none
 REFUSAL_ROOM = 4  # connections a replica takes beyond its slots: calls it refuses, with the reason
 MAX_QUEUED = 16  # calls waiting for a replica at the proxy (while every one is refusing others): beyond, 503
 STATUS_PATH = "/api/status"
@@ -101,13 +105,35 @@ class ClusterConfig:
 
 
 class LeastLoaded(FIFOMixin, RequestRouter):
-    """Every replica is a candidate: Serve asks each how many requests it holds and picks the
-    fewest (its default samples two, and could send a call to a full replica while another has
-    room)."""
+    """Each call goes to the replica that holds the fewest calls now (Serve's default asks two
+    replicas at random, and a replica counts a WebSocket call only some time after it came, so
+    calls at the same moment could land on a full replica while another has room). A replica's
+    count is the larger of what it says and what this router has sent it and not seen end; ties
+    go to a random one of them."""
+
+    def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
+        held = self.__dict__.setdefault("_held", {})
+        held[replica_id] = held.get(replica_id, 0) + 1
+
+    def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
+        held = self.__dict__.setdefault("_held", {})
+        held[replica_id] = max(0, held.get(replica_id, 0) - 1)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
-        return [candidate_replicas]
+        said = await asyncio.gather(*(_calls_held(r) for r in candidate_replicas))
+        held = self.__dict__.setdefault("_held", {})
+        counts = [None if n is None else max(n, held.get(r.replica_id, 0)) for n, r in zip(said, candidate_replicas)]
+        ranked = sorted((n, random.random(), i) for i, n in enumerate(counts) if n is not None)
+        return [[candidate_replicas[i]] for _, _, i in ranked]  # the least loaded first, then the next...
+
+
+async def _calls_held(replica: RunningReplica) -> int | None:
+    """What the replica holds now (None: it did not answer in time: a dead or stuck replica)."""
+    try:
+        return await replica.get_queue_len(deadline_s=PROBE_S)
+    except Exception:  # any failure of the probe means the same: not this one
+        return None
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
@@ -141,14 +167,15 @@ def _ingress() -> Starlette:
     a FastAPI app object cannot be pickled for it: it holds a lock)."""
 
     def replica() -> EngineReplica:
-        assert _replica is not None, "the replica is not initialised"
-        return _replica
+        found = sys.modules[__name__]._replica  # (see EngineReplica.__init__)
+        assert found is not None, "the replica is not initialised"
+        return found
 
     async def chat(websocket: WebSocket) -> None:
         await replica().chat(websocket)
 
     async def status(request: Request) -> JSONResponse:
-        return replica().status()
+        return await replica().status()
 
     async def add_voice(request: Request) -> JSONResponse:
         return await replica().add_voice(request)
@@ -161,7 +188,6 @@ def _ingress() -> Starlette:
 @serve.ingress(_ingress)
 class EngineReplica:
     def __init__(self, config: dict[str, Any], voices: Any) -> None:
-        global _replica
         self.config = ClusterConfig(**config)
         c = self.config
         self.service = Service(Settings(c.checkpoint, c.hf_repo, c.config, c.device, c.max_sessions))
@@ -172,9 +198,11 @@ class EngineReplica:
         self.voices = voices
         limits = Limits(time_limit_s=c.time_limit_s, idle_timeout_s=c.idle_timeout_s)
         self.door = ChatDoor(self.service, limits, DEFAULT_VOICE, custom_voice=self._custom_voice, busy=BUSY)
-        _replica = self
+        # Where the routes find it: the module itself (Serve may run this method from a copy of
+        # the class, whose globals are not the module's).
+        sys.modules[__name__]._replica = self
 
-    def check_health(self) -> None:
+    async def check_health(self) -> None:
         """Serve's health check: a failed engine is replaced."""
         if not self.service.status.ready:
             raise RuntimeError(self.service.status.message)
@@ -182,14 +210,17 @@ class EngineReplica:
     async def chat(self, websocket: WebSocket) -> None:
         await self.door.serve(websocket)
 
-    def status(self) -> JSONResponse:
+    async def status(self) -> JSONResponse:
+        """This replica's engine (readiness, voices, slots, calls now), and how many replicas of
+        the replicas by state (Serve's controller says: RUNNING, STARTING...)."""
         figures = self.service.figures()
         summary = self.service.summary()
+        states = await asyncio.to_thread(_replica_states)
         return JSONResponse({
             "ready": self.service.status.ready, "level": summary.level, "summary": summary.text,
             "voices": self.service.voice_names(), "context_s": self.service.context_s,
             "slots": figures.slots if figures else 0, "live": figures.live if figures else 0,
-            "tick_ms": figures.tick_ms if figures else 0.0,
+            "tick_ms": figures.tick_ms if figures else 0.0, "replicas": states.get("RUNNING", 0), "replica_states": states,
         })
 
     async def add_voice(self, request: Request) -> JSONResponse:
@@ -216,9 +247,17 @@ class EngineReplica:
             await _in_thread(self.service.add_custom_voice_bytes, data, key)
 
 
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    import asyncio
+def _replica_states() -> dict[str, int]:
+    """This deployment's replicas by state ({} if the controller cannot say now)."""
+    context = serve.get_replica_context()
+    try:
+        deployment = serve.status().applications[context.app_name].deployments[context.deployment]
+    except Exception:  # the controller is busy or restarting: the figures are not essential
+        return {}
+    return {str(getattr(state, "value", state)): n for state, n in deployment.replica_states.items()}
 
+
+async def _in_thread(fn: Any, *args: Any) -> Any:
     return await asyncio.to_thread(fn, *args)
 
 
@@ -228,7 +267,7 @@ def build_app(args: dict[str, Any]) -> serve.Application:
     options: dict[str, Any] = {
         "max_ongoing_requests": config.slots + REFUSAL_ROOM,
         "max_queued_requests": MAX_QUEUED,
-        "request_router_config": RequestRouterConfig(request_router_class=LeastLoaded),
+        "request_router_config": RequestRouterConfig(request_router_class=f"{__name__}.LeastLoaded"),
         "health_check_period_s": 5.0,
         "graceful_shutdown_timeout_s": 5.0,
     }
@@ -288,4 +327,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    # Run from the module under its own name: Serve records its classes (the deployments, the
+    # router) by import path, and "__main__.LeastLoaded" is nowhere to be found elsewhere.
+    from personaplex.cluster import main as run
+
+    run()

@@ -248,8 +248,10 @@ class RemoteService:
         s, report = self._status, self._report
         if not s.ready:
             return Summary("busy", s.state.value.capitalize(), s.message)
+        engines = int(report.get("replicas", 0))
+        running = f"{engines} engine{'s' * (engines != 1)} running; " if engines else ""
         return Summary(str(report.get("level", "ready")), "Ready",
-                       f"calls go to the engine cluster at {self.base_url}; one of its engines: {report.get('summary', '')}")
+                       f"calls go to the engine cluster at {self.base_url} ({running}one of them: {report.get('summary', '')})")
 
     def figures(self) -> EngineFigures | None:
         report = self._report

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import tempfile
 from pathlib import Path
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -165,3 +166,26 @@ class RunningApp:
 
 
 ROOT = Path(__file__).resolve().parents[1]
+
+
+# --- the page in headless Chromium (Debian's, never a downloaded one) ----------------------------
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+START_TILE = "#webrtc div[title='grant webcam access'] button"  # fastrtc's microphone tile, labelled "Start the call"
+CALL_BUTTON = "#webrtc button[aria-label='start stream']"  # fastrtc's start/stop button once the microphone is granted
+
+
+def browser(p, mic: Path | None, viewport: dict):
+    profile = tempfile.mkdtemp()
+    args = [*CHROMIUM_ARGS, "--autoplay-policy=no-user-gesture-required"]
+    if mic is not None:
+        args += ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={mic}"]
+    ctx = p.chromium.launch_persistent_context(profile, executable_path=str(CHROMIUM), headless=True, args=args,
+                                               permissions=["microphone"] if mic else [], viewport=viewport)
+    return ctx, profile
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").click()
+    page.get_by_role("option", name=option, exact=True).click()

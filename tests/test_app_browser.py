@@ -9,17 +9,14 @@ from __future__ import annotations
 import io
 import re
 import shutil
-import tempfile
 import wave
-from pathlib import Path
 
 import pytest
 
 from personaplex.audio import write_wav
 
-from .helpers import ROOT, tone
+from .helpers import CALL_BUTTON, CHROMIUM, ROOT, START_TILE, browser, choose, tone
 
-CHROMIUM = Path("/usr/bin/chromium")
 playwright = pytest.importorskip("playwright.sync_api", reason="playwright is not installed")
 pytestmark = [
     pytest.mark.browser,
@@ -44,10 +41,6 @@ INBOUND_ENERGY = """async () => {
 
 
 
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync"]
-START_TILE = "#webrtc div[title='grant webcam access'] button"  # fastrtc's microphone tile, labelled "Start the call"
-CALL_BUTTON = "#webrtc button[aria-label='start stream']"  # fastrtc's start/stop button once the microphone is granted
 PHONE = {"width": 390, "height": 844}
 
 
@@ -66,21 +59,6 @@ def files(tmp_path):
     short = tmp_path / "short.wav"
     write_wav(short, tone(3.0, 24000)[0])
     return {"mic": mic, "notes": notes, "fake": fake, "short": short, "voice": ROOT / "examples" / "voice_sample.wav"}
-
-
-def browser(p, mic: Path | None, viewport: dict):
-    profile = tempfile.mkdtemp()
-    args = [*CHROMIUM_ARGS, "--autoplay-policy=no-user-gesture-required"]
-    if mic is not None:
-        args += ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream", f"--use-file-for-fake-audio-capture={mic}"]
-    ctx = p.chromium.launch_persistent_context(profile, executable_path=str(CHROMIUM), headless=True, args=args,
-                                               permissions=["microphone"] if mic else [], viewport=viewport)
-    return ctx, profile
-
-
-def choose(page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").click()
-    page.get_by_role("option", name=option, exact=True).click()
 
 
 def in_view(page, selector: str, viewport: dict, at_least_px: float = 0) -> bool:
