@@ -16,6 +16,11 @@
 # GPU_OUT names the folder for the JSON and the log (default benchmarks/out). On a machine with
 # no package index, see benchmarks/device_wheels.sh.
 set -euo pipefail
+case "${1:-}" in
+    -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;  # the comments above: usage, nothing run
+    ""|--quick) ;;
+    *) echo "unknown option: $1 (see benchmarks/gpu.sh --help)" >&2; exit 2 ;;
+esac
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 out=${GPU_OUT:-benchmarks/out}

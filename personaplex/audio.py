@@ -10,6 +10,11 @@ Implements:
   * `FrameBuffer`: chunks of any size in, whole 1920-sample frames out;
   * `HalfRate`: a live 48 kHz stream to 24 kHz, chunk by chunk, without framing delay.
 Every failure is an `AudioError` whose message says what is wrong with the file.
+
+PyAV, soxr and pyloudnorm are imported where a file is read, resampled or measured (`codecs`),
+not with the package: the engine, its benchmarks and the GPU tests run without them. A server
+imports them once while its model loads (`preload`): pyloudnorm brings SciPy, which holds the
+interpreter for about a second, and the first upload should not wait for that.
 """
 
 from __future__ import annotations
@@ -18,11 +23,10 @@ import io
 import warnings
 import wave
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
-import av
 import numpy as np
-import pyloudnorm  # here, not at the first upload: importing it (and SciPy) holds the interpreter for ~1 s
-import soxr
 
 from .config import FRAME_SIZE, SAMPLE_RATE, VOICE_PROMPT_LUFS
 from .errors import UserError
@@ -35,7 +39,21 @@ class AudioError(UserError):
     """Audio that cannot be used, with a message meant for the person who supplied it."""
 
 
-def _to_float(frame: av.AudioFrame) -> np.ndarray:
+def codecs() -> tuple[ModuleType, ModuleType, ModuleType]:
+    """(av, soxr, pyloudnorm), imported on first use."""
+    import av
+    import pyloudnorm
+    import soxr
+
+    return av, soxr, pyloudnorm
+
+
+def preload() -> None:
+    """Import the codec libraries now (a server's loader thread), not at the first upload."""
+    codecs()
+
+
+def _to_float(frame: Any) -> np.ndarray:
     """One decoded frame -> float32 [channels, samples] in [-1, 1]."""
     data = frame.to_ndarray()
     fmt = frame.format
@@ -54,6 +72,7 @@ def _to_float(frame: av.AudioFrame) -> np.ndarray:
 def read_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray:
     """Decode a file to mono float32 at 24 kHz. Raises `AudioError` on anything unusable."""
     name = Path(path).name
+    av, _, _ = codecs()
     try:
         with av.open(str(path)) as container:
             if not container.streams.audio:
@@ -85,6 +104,7 @@ def read_audio(path: str | Path, max_seconds: float | None = None) -> np.ndarray
 def resample(pcm: np.ndarray, rate: int, target: int = SAMPLE_RATE) -> np.ndarray:
     if rate == target:
         return pcm.astype(np.float32, copy=False)
+    _, soxr, _ = codecs()
     return soxr.resample(pcm, rate, target, quality="HQ").astype(np.float32)
 
 
@@ -92,6 +112,7 @@ def normalize_loudness(pcm: np.ndarray, target_lufs: float = VOICE_PROMPT_LUFS) 
     """Apply the gain that brings the clip's integrated loudness to `target_lufs`."""
     if pcm.shape[0] < _LOUDNESS_BLOCK_S * SAMPLE_RATE:
         raise AudioError(f"the clip is too short to measure its loudness (at least {_LOUDNESS_BLOCK_S} s)")
+    _, _, pyloudnorm = codecs()
     loudness = pyloudnorm.Meter(SAMPLE_RATE).integrated_loudness(pcm)
     if not np.isfinite(loudness):
         raise AudioError("the clip is silent")

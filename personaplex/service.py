@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from .audio import AudioError, normalize_loudness, read_audio, write_wav
+from .audio import preload as preload_codecs
 from .config import DEFAULT_TEXT_PROMPT, FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
 from .engine import Engine
 from .errors import SettingsError, UserError
@@ -189,6 +190,7 @@ class Service:
             else:
                 self._set(State.DOWNLOADING, f"fetching the weights of {source} (about 17 GB the first time)")
             files = resolve_checkpoint(s.checkpoint, s.hf_repo)
+            preload_codecs()  # (here, not at the first upload)
             self._set(State.LOADING, f"loading the model onto {self.device}")
             if self.device.type == "cpu":
                 torch.set_num_threads(cpu_threads())

@@ -31,3 +31,37 @@ def test_the_attention_benchmark_times_both_routes_on_cpu(capsys):
     result = json.loads(capsys.readouterr().out)
     assert [r["filled"] for r in result["rows"]] == [90, 3000]
     assert all(r["masked_ms"] > 0 and r["prefix_ms"] > 0 for r in result["rows"])
+
+
+def test_the_benchmarks_and_the_engine_run_without_the_audio_and_web_packages(tmp_path):
+    """A GPU machine lent for a few minutes may have torch and little else: the engine, the step
+    and attention benchmarks import none of PyAV, soxr, pyloudnorm, sphn, gradio or fastrtc."""
+    import subprocess
+    import sys
+
+    from .helpers import ROOT
+
+    blocked = ("av", "soxr", "pyloudnorm", "sphn", "gradio", "fastrtc")
+    script = (
+        "import sys\n"
+        f"for name in {blocked!r}: sys.modules[name] = None  # import name -> ImportError\n"
+        "from benchmarks.step import main as step\n"
+        "from benchmarks.attention import main as attention\n"
+        "import personaplex, personaplex.engine, personaplex.worker, personaplex.session\n"
+        "step(['--device', 'cpu', '--preset', 'tiny', '--sessions', '1', '--ticks', '2', '--warmup', '1', '--repeats', '1',"
+        " '--json'])\n"
+        "attention(['--sessions', '1', '--fills', '1', '--reps', '1', '--json'])\n"
+    )
+    run = subprocess.run([sys.executable, "-c", script], cwd=str(ROOT), capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+
+
+def test_the_gpu_script_help_prints_its_usage_and_runs_nothing():
+    import subprocess
+
+    from .helpers import ROOT
+
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--help"], capture_output=True, text=True, timeout=30)
+    assert run.returncode == 0 and "--quick" in run.stdout and "== " not in run.stdout  # no step ran
+    bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--bogus"], capture_output=True, text=True, timeout=30)
+    assert bad.returncode == 2 and "unknown option" in bad.stderr
