@@ -38,7 +38,7 @@ if [ "${1:-}" = --quick ]; then
     timeout 150 "$PY" -m pytest -q tests/test_gpu.py -k "prefix_route or not compiled" || status=1
     echo "== benchmark: 7B, bf16, uncompiled, CUDA graphs then without; every ring full; memory"
     timeout 240 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,64 --ticks 200 --no-compile --eager-too \
-        --json > "${json%.json}-no-compile.json" || status=$?
+        --rows "${json%.json}-no-compile-rows.jsonl" --json > "${json%.json}-no-compile.json" || status=$?  # rows kept if cut short
     bench step "${json%.json}-no-compile.json"
     echo "== one layer's attention, 7B heads, plain and pinned"
     timeout 50 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 --json > "${json%.json}-attention-plain.json" || status=$?
@@ -50,7 +50,8 @@ if [ "${1:-}" = --quick ]; then
 fi
 echo "== GPU tests"; "$PY" -m pytest -q tests/test_gpu.py || status=1
 echo "== benchmark: 7B, bf16, CUDA graphs, then without; every ring full; memory; profile"
-"$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,16,32,64 --ticks 1000 --eager-too --profile --json > "$json" \
+"$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,16,32,64 --ticks 1000 --eager-too --profile \
+    --rows "${json%.json}-rows.jsonl" --json > "$json" \
     || status=$?
 bench step "$json"
 echo "== benchmark: the same without torch.compile (graphs on), for its gain"

@@ -159,7 +159,27 @@ def profile_tick(engine: Engine, n: int) -> dict:
             "top_kernels_us": {name[:120]: round(us, 1) for name, us in top}}
 
 
-def run(args: argparse.Namespace) -> dict:
+class Rows:
+    """Each figure as a JSON line the moment it is measured, flushed (`--rows PATH`): a run cut
+    short (a lease's time limit) keeps what it had, the engine's start and compile time first."""
+
+    def __init__(self, path: str | None) -> None:
+        self._file = open(path, "a") if path else None  # open for the whole run, closed in `close`
+        self._began = time.perf_counter()
+
+    def emit(self, row: str, **figures: object) -> None:
+        if self._file is not None:
+            line = {"row": row, "at_s": round(time.perf_counter() - self._began, 2), **figures}
+            self._file.write(json.dumps(line) + "\n")
+            self._file.flush()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+
+
+def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
+    out = rows_out or Rows(None)
     device = torch.device(args.device)
     config = PRESETS[args.preset]
     dtype = torch.bfloat16 if device.type == "cuda" and args.preset == "7b" else torch.float32
@@ -180,6 +200,10 @@ def run(args: argparse.Namespace) -> dict:
     engine = Engine(models, num_slots=max(sessions), pinning=keep, compile=False if args.no_compile else None,
                     prefix_attention=False if args.masked_attention else None)
     engine_s = time.perf_counter() - started  # compiling and capturing every bucket
+    out.emit("engine", preset=args.preset, device=str(device), dtype=str(dtype).removeprefix("torch."), slots=max(sessions),
+             start_s=round(engine_s, 1), compiled=engine.compiled, compile_failed=engine.compile_failed,
+             cuda_graphs=engine.cuda_graphs, cuda_graphs_failed=engine.graphs_failed, prefix_attention=engine.prefix_attention,
+             torch=torch.__version__, cuda=torch.version.cuda, skipped_sessions=skipped)
     for slot in range(max(sessions)):
         engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot), keep_persona=keep)
     after_engine = memory(device)
@@ -191,10 +215,12 @@ def run(args: argparse.Namespace) -> dict:
         else:
             naive = time_naive(engine, n, max(3, args.ticks // 4))
         rows.append(tick_row(engine, n, args, naive))
+        out.emit("tick", **rows[-1])
     ttfa = {
         "prefill_ms": round(time_to_first_audio(engine, config, True, args.repeats), 1),
         "stepped_ms": round(time_to_first_audio(engine, config, False, max(1, args.repeats // 2)), 1),
     }
+    out.emit("time_to_first_audio", **ttfa)
     result = {
         "preset": args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
         "cuda_graphs": engine.cuda_graphs, "cuda_graphs_failed": engine.graphs_failed,
@@ -211,19 +237,27 @@ def run(args: argparse.Namespace) -> dict:
     result["skipped_sessions"] = skipped
     with engine.full_windows():  # the worst case: every ring full, as after 4 minutes of talk
         result["full_rings"] = tick_row(engine, max(sessions), args, None)
+        out.emit("full_rings", **result["full_rings"])
         if engine.cuda_graphs and args.eager_too:  # the same engine, its graphs set aside
             graphs, engine._graphs = engine._graphs, None
             eager = argparse.Namespace(**{**vars(args), "ticks": max(20, args.ticks // 5)})
-            result["eager_rows"] = [tick_row(engine, n, eager, None) for n in sessions]
+            result["eager_rows"] = []
+            for n in sessions:
+                result["eager_rows"].append(tick_row(engine, n, eager, None))
+                out.emit("tick_without_graphs", **result["eager_rows"][-1])
             engine._graphs = graphs
         if args.profile and device.type == "cuda":
-            result["profile"] = {str(n): profile_tick(engine, n) for n in sorted({1, max(sessions)})}
+            result["profile"] = {}
+            for n in sorted({1, max(sessions)}):
+                result["profile"][str(n)] = profile_tick(engine, n)
+                out.emit("profile", **result["profile"][str(n)])
     if device.type == "cuda":
         result["memory"] = {"after_weights": after_weights, "after_engine": after_engine,
                             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
                             "slot_bytes_estimate": slot_bytes(config, dtype),
                             "slot_bytes_measured": round((2**30 * (after_engine["allocated_gib"] - after_weights["allocated_gib"]))
                                                          / (max(sessions) + 1))}
+        out.emit("memory", **result["memory"])
     return result
 
 
@@ -308,6 +342,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--rows", help="append each figure to this file as a JSON line the moment it is measured")
     p.add_argument("--count-ops", action="store_true", help="count the kernels of one tick on the narrow 7B, on CPU")
     p.add_argument("--allow-eager", action="store_true", help="exit 0 even if the CUDA graphs could not be captured")
     p.add_argument("--eager-too", action="store_true", help="on CUDA, also time every row without the graphs")
@@ -317,11 +352,15 @@ def main(argv: list[str] | None = None) -> None:
                    help="compiled attention over every ring entry, masked, instead of what each slot holds")
     p.add_argument("--no-pinning", action="store_true", help="the plain ring, the personas not kept (as the reference)")
     args = p.parse_args(argv)
-    with torch.inference_mode():
-        if args.count_ops:
-            result, text = count_ops(args), render_ops
-        else:
-            result, text = run(args), render
+    rows = Rows(args.rows)
+    try:
+        with torch.inference_mode():
+            if args.count_ops:
+                result, text = count_ops(args), render_ops
+            else:
+                result, text = run(args, rows), render
+    finally:
+        rows.close()
     sys.stdout.write((json.dumps(result) if args.json else text(result)) + "\n")
     if result.get("cuda_graphs_failed") and not args.allow_eager:
         sys.stderr.write(f"CUDA graph capture failed ({result['cuda_graphs_failed']}): these are eager figures; "

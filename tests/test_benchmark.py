@@ -65,3 +65,30 @@ def test_the_gpu_script_help_prints_its_usage_and_runs_nothing():
     assert run.returncode == 0 and "--quick" in run.stdout and "== " not in run.stdout  # no step ran
     bad = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu.sh"), "--bogus"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "unknown option" in bad.stderr
+
+
+def test_the_step_benchmark_writes_each_figure_as_it_is_measured_and_a_run_cut_short_keeps_them(tmp_path):
+    import subprocess
+    import sys
+    import time
+
+    from .helpers import ROOT
+
+    rows = tmp_path / "rows.jsonl"
+    main(["--device", "cpu", "--preset", "tiny", "--sessions", "1,2", "--ticks", "3", "--warmup", "1", "--repeats", "1",
+          "--rows", str(rows)])
+    kinds = [json.loads(line)["row"] for line in rows.read_text().splitlines()]
+    assert kinds == ["engine", "tick", "tick", "time_to_first_audio", "full_rings"]  # the engine's start first
+    engine = json.loads(rows.read_text().splitlines()[0])
+    assert engine["start_s"] >= 0 and engine["compiled"] is False
+
+    cut = tmp_path / "cut.jsonl"  # a long run, stopped as a lease's time limit stops it
+    run = subprocess.Popen([sys.executable, "-m", "benchmarks.step", "--device", "cpu", "--preset", "tiny", "--sessions",
+                            "1,2,3,4", "--ticks", "3000", "--rows", str(cut)], cwd=str(ROOT))
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and (not cut.exists() or '"row": "tick"' not in cut.read_text()):
+        time.sleep(0.2)
+    run.kill()
+    run.wait()
+    kept = [json.loads(line)["row"] for line in cut.read_text().splitlines()]
+    assert kept[:2] == ["engine", "tick"]
