@@ -13,12 +13,17 @@
 # (graphs on and off, every ring full, memory) and one layer's attention both ways, each step
 # under its own time limit (8 minutes in all). Compiled figures then come from a second command:
 #   python -m benchmarks.step --device cuda --preset 7b --sessions 1,8 --ticks 300
+# benchmarks/gpu.sh --first: the first GPU time in one 10-minute call with a minute to spare
+# (cold Inductor cache): the device and versions, the GPU tests, the 7B in bf16 uncompiled at 1,
+# 8 and as many sessions as fit (graphs on and off, every ring full, memory per slot against the
+# estimate), the 7B compiled at 1 session with its compile time and route, one layer's attention;
+# each step time-stamped and under its own limit, every figure written as it is measured.
 # GPU_OUT names the folder for the JSON and the log (default benchmarks/out). On a machine with
 # no package index, see benchmarks/device_wheels.sh.
 set -euo pipefail
 case "${1:-}" in
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;  # the comments above: usage, nothing run
-    ""|--quick) ;;
+    ""|--quick|--first) ;;
     *) echo "unknown option: $1 (see benchmarks/gpu.sh --help)" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
@@ -33,6 +38,24 @@ exec > >(tee "$log") 2>&1  # everything below goes to the screen and to the log
 echo "== device"; nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv || true
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda, torch.cuda.get_device_name())" || true
 bench() { "$PY" -c "import json, sys; from benchmarks.$1 import render; print(render(json.load(open(sys.argv[1]))))" "$2" || true; }
+if [ "${1:-}" = --first ]; then
+    at() { echo "== $(date -u +%H:%M:%S) $*"; }  # every step time-stamped: what a cut-short call still tells
+    at "GPU tests: graphs replay eager, the prefix route in a graph"
+    timeout 100 "$PY" -m pytest -q tests/test_gpu.py -k "prefix_route or not compiled" || status=1
+    at "7B, bf16, uncompiled: 1, 8 and as many sessions as fit; graphs on, then off at the same (full) rings; memory per slot"
+    timeout 230 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,max --ticks 200 --no-compile --eager-too \
+        --rows "${json%.json}-first-rows.jsonl" --json > "${json%.json}-first.json" || status=$?
+    bench step "${json%.json}-first.json"
+    at "7B, bf16, compiled, 1 session: its compile time (the engine row) and the route it took"
+    timeout 170 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1 --ticks 200 \
+        --rows "${json%.json}-compiled-rows.jsonl" --json > "${json%.json}-compiled.json" || status=$?
+    bench step "${json%.json}-compiled.json"
+    at "one layer's attention, 7B heads, plain"
+    timeout 40 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 --json > "${json%.json}-attention.json" || status=$?
+    bench attention "${json%.json}-attention.json"
+    at "done: $out/gpu-$stamp* (exit $status)"
+    exit "$status"
+fi
 if [ "${1:-}" = --quick ]; then
     echo "== GPU tests: graphs replay eager, the prefix route in a graph"
     timeout 150 "$PY" -m pytest -q tests/test_gpu.py -k "prefix_route or not compiled" || status=1

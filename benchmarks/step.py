@@ -187,9 +187,11 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
         dtype = getattr(torch, args.dtype)
     if device.type == "cpu":
         torch.set_num_threads(args.threads)
-    sessions = [int(s) for s in args.sessions.split(",")]
+    wanted = args.sessions.split(",")
     models = random_models(config, device, dtype)
     after_weights = memory(device)
+    most = suggest_slots(config, dtype, device) if device.type == "cuda" else 8  # "max": as many as fit (at most 64)
+    sessions = sorted({most if s == "max" else int(s) for s in wanted})
     skipped = []
     if device.type == "cuda":  # only the session counts the card holds (no OOM on an 80 GB card)
         fits = suggest_slots(config, dtype, device, cap=max(sessions))
@@ -335,7 +337,7 @@ def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--preset", default="tiny", choices=sorted(PRESETS))
-    p.add_argument("--sessions", default="1,2,4,8")
+    p.add_argument("--sessions", default="1,2,4,8", help="comma-separated; max: as many as the card holds (8 on a CPU)")
     p.add_argument("--ticks", type=int, default=40)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--repeats", type=int, default=5, help="time-to-first-audio repetitions")
