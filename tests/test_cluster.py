@@ -88,8 +88,15 @@ def cluster():
 
 
 def replicas() -> list[int]:
-    found = subprocess.run(["pgrep", "-f", REPLICA], capture_output=True, text=True).stdout.split()
-    return [int(pid) for pid in found]
+    """The replicas' processes (Ray names them in their command line)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and REPLICA in (entry / "cmdline").read_text(errors="replace"):
+                found.append(int(entry.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
 
 
 def silence_call(url: str, seconds: float, **query: str):
