@@ -8,7 +8,8 @@ slot has filled, the compiled tick's route), at ring fills from a young call to 
 
 Each row times the whole attention of one layer for every slot as the tick computes it, the
 mask (or block mask) made from the slots' lengths included. Median over `--reps` calls after a
-warm-up; on CUDA timed with events. Random inputs: speed does not depend on their values. With
+warm-up; on CUDA timed with events. Beside it, the kernel time by the profiler (`kernel_ms`):
+small calls are mostly Python and launches, which the tick's CUDA graph does not pay. Random inputs: speed does not depend on their values. With
 `--pinned` every slot keeps a 100-entry persona (two queries; on CUDA only: Inductor's CPU flex
 kernel has no log-sum-exp, so compiled on a CPU pinned slots stay masked).
 """
@@ -65,6 +66,28 @@ def time_calls(fn, args: tuple, device: torch.device, reps: int) -> float:
     return statistics.median(times)
 
 
+def kernel_ms(fn, args: tuple, device: torch.device, reps: int) -> float:
+    """Mean ms per call of what `fn` runs, by the profiler: on CUDA the time of its kernels on the
+    device, on a CPU the time of its operations (compiled kernels included) on the CPU. A small
+    attention's wall time is mostly Python and launches; this is what the tick's CUDA graph pays."""
+    fn(*args)
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+        torch.cuda.synchronize(device)
+    with torch.profiler.profile(activities=activities) as prof:
+        for _ in range(reps):
+            fn(*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    if device.type == "cuda":
+        total_us = sum(e.device_time for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA)
+    else:  # the operations' own time: aten ops, and the compiled graph's C++ kernels (inside its call's
+        # record, not recorded one by one); not Dynamo's guards around the compiled region
+        total_us = sum(e.self_cpu_time_total for e in prof.key_averages() if not e.key.startswith("Torch-Compiled Region"))
+    return total_us / 1000 / reps
+
+
 def run(args: argparse.Namespace) -> dict:
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
@@ -88,6 +111,7 @@ def run(args: argparse.Namespace) -> dict:
             row = {"sessions": n, "filled": int(lengths[0])}
             for name, fn in routes.items():
                 row[f"{name}_ms"] = round(time_calls(fn, call, device, args.reps), 4)
+                row[f"{name}_kernel_ms"] = round(kernel_ms(fn, call, device, args.reps), 4)
             rows.append(row)
     return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "heads": H, "head_dim": D, "context": C,
             "pinned": args.pinned, "threads": torch.get_num_threads() if device.type == "cpu" else None,
@@ -98,10 +122,12 @@ def run(args: argparse.Namespace) -> dict:
 def render(result: dict) -> str:
     lines = [f"one layer's attention, {result['heads']} heads of {result['head_dim']} over {result['context']} entries, "
              f"{result['dtype']} on {result['device']}{' (pinned persona)' if result['pinned'] else ''}; ms per call",
-             "sessions  filled  masked ms  prefix ms  prefix/masked"]
+             "sessions  filled  masked ms  prefix ms  prefix/masked  masked kernels ms  prefix kernels ms  kernels prefix/masked"]
     for r in result["rows"]:
         ratio = f"{r['prefix_ms'] / r['masked_ms']:.2f}" if "prefix_ms" in r else "-"
-        lines.append(f"{r['sessions']:>8}  {r['filled']:>6}  {r['masked_ms']:>9}  {r.get('prefix_ms', '-'):>9}  {ratio:>13}")
+        kernels = f"{r['prefix_kernel_ms'] / r['masked_kernel_ms']:.2f}" if "prefix_kernel_ms" in r and r["masked_kernel_ms"] else "-"
+        lines.append(f"{r['sessions']:>8}  {r['filled']:>6}  {r['masked_ms']:>9}  {r.get('prefix_ms', '-'):>9}  {ratio:>13}  "
+                     f"{r['masked_kernel_ms']:>17}  {r.get('prefix_kernel_ms', '-'):>17}  {kernels:>21}")
     return "\n".join(lines)
 
 

@@ -31,6 +31,7 @@ def test_the_attention_benchmark_times_both_routes_on_cpu(capsys):
     result = json.loads(capsys.readouterr().out)
     assert [r["filled"] for r in result["rows"]] == [90, 3000]
     assert all(r["masked_ms"] > 0 and r["prefix_ms"] > 0 for r in result["rows"])
+    assert all(0 < r["masked_kernel_ms"] and 0 < r["prefix_kernel_ms"] for r in result["rows"])  # by the profiler
 
 
 def test_the_benchmarks_and_the_engine_run_without_the_audio_and_web_packages(tmp_path):
