@@ -227,6 +227,20 @@ def test_the_page_in_front_in_a_browser_a_custom_voice_a_call_its_captions_and_i
             shutil.rmtree(profile, ignore_errors=True)
 
 
+def test_two_pages_in_front_share_the_cluster(cluster, front, client, speech):
+    other = RunningApp("--engine-url", cluster.url, model=False)
+    try:
+        other.wait_ready(marker="ready: the engine cluster")
+
+        async def both():
+            return await asyncio.gather(*(client.converse(url, speech, 4.0, {"voice": "TESTV0"}) for url in (front.url, other.url)))
+
+        results = asyncio.run(both())
+        assert all(r.ended is None and r.audio.size / client.RATE > 2.5 for r in results)
+    finally:
+        other.stop()
+
+
 def test_the_page_in_front_holds_a_webrtc_call_with_real_speech_and_says_when_the_engines_die(cluster, front, client,
                                                                                               speech):
     result = asyncio.run(client.converse(front.url, speech, 8.0, {"voice": "TESTV0"}))
