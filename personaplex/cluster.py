@@ -111,19 +111,19 @@ class LeastLoaded(FIFOMixin, RequestRouter):
     count is the larger of what it says and what this router has sent it and not seen end; ties
     go to a random one of them."""
 
+    def initialize_state(self, **kwargs: Any) -> None:
+        self._held: dict[Any, int] = {}  # replica id -> calls this router sent there and has not seen end
+
     def on_request_routed(self, pending_request: PendingRequest, replica_id: Any, result: Any) -> None:
-        held = self.__dict__.setdefault("_held", {})
-        held[replica_id] = held.get(replica_id, 0) + 1
+        self._held[replica_id] = self._held.get(replica_id, 0) + 1
 
     def on_request_completed(self, replica_id: Any, internal_request_id: str) -> None:
-        held = self.__dict__.setdefault("_held", {})
-        held[replica_id] = max(0, held.get(replica_id, 0) - 1)
+        self._held[replica_id] = max(0, self._held.get(replica_id, 0) - 1)
 
     async def choose_replicas(self, candidate_replicas: list[RunningReplica],
                               pending_request: PendingRequest | None = None) -> list[list[RunningReplica]]:
         said = await asyncio.gather(*(_calls_held(r) for r in candidate_replicas))
-        held = self.__dict__.setdefault("_held", {})
-        counts = [None if n is None else max(n, held.get(r.replica_id, 0)) for n, r in zip(said, candidate_replicas)]
+        counts = [None if n is None else max(n, self._held.get(r.replica_id, 0)) for n, r in zip(said, candidate_replicas)]
         ranked = sorted((n, random.random(), i) for i, n in enumerate(counts) if n is not None)
         return [[candidate_replicas[i]] for _, _, i in ranked]  # the least loaded first, then the next...
 
