@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from personaplex.capacity import slot_bytes, suggest_slots
 from personaplex.config import FRAME_SIZE, PRESETS, ModelConfig
 from personaplex.engine import Engine
 from personaplex.lm import LMModel
@@ -29,7 +30,6 @@ from personaplex.loading import Models
 from personaplex.mimi import Mimi
 from personaplex.persona import VoicePrompt, build_prompt
 from personaplex.sampling import SamplingParams
-from personaplex.service import slot_bytes, suggest_slots
 
 VOICE_FRAMES = 50  # 4 s of voice prompt
 ROLE_TOKENS = 60

@@ -232,7 +232,7 @@ class EngineReplica:
             return JSONResponse({"error": f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB"}, status_code=413)
         key = await self.voices.key.remote(data, owner)
         try:
-            voice = await _in_thread(self.service.add_custom_voice_bytes, data, key)
+            voice = await asyncio.to_thread(self.service.add_custom_voice_bytes, data, key)
         except Exception as exc:  # said to the page as it is (a UserError) or in one line
             return JSONResponse({"error": str(exc)}, status_code=422)
         await self.voices.put.remote(key, data)
@@ -244,7 +244,7 @@ class EngineReplica:
             return
         data = await self.voices.get.remote(key)
         if data is not None:
-            await _in_thread(self.service.add_custom_voice_bytes, data, key)
+            await asyncio.to_thread(self.service.add_custom_voice_bytes, data, key)
 
 
 def _replica_states() -> dict[str, int]:
@@ -255,10 +255,6 @@ def _replica_states() -> dict[str, int]:
     except Exception:  # the controller is busy or restarting: the figures are not essential
         return {}
     return {str(getattr(state, "value", state)): n for state, n in deployment.replica_states.items()}
-
-
-async def _in_thread(fn: Any, *args: Any) -> Any:
-    return await asyncio.to_thread(fn, *args)
 
 
 def build_app(args: dict[str, Any]) -> serve.Application:

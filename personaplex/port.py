@@ -31,6 +31,7 @@ import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import numpy as np
 
@@ -183,42 +184,39 @@ class Port:
     async def next_frame_async(self, timeout: float) -> CallFrame | None:
         """`next_frame` for an asyncio consumer: waits without holding a thread."""
         self.expire()
-        loop = asyncio.get_running_loop()
         deadline = self._clock() + timeout
+
+        def answered(now: float) -> tuple[bool, CallFrame | None, float]:
+            frame = self._pop_answered(now)
+            if frame is not None or self.phase is Phase.ENDED or now >= deadline:
+                return True, frame, 0.0
+            return False, None, min(deadline, self._next_due(now)) - now
+
+        return await self._wait_async(answered)
+
+    async def until_live(self, timeout: float) -> bool:
+        """Wait (asyncio) until the system prompt has run; False if the call ended or it took longer."""
+        deadline = self._clock() + timeout
+
+        def started(now: float) -> tuple[bool, bool, float]:
+            return self.phase in (Phase.LIVE, Phase.ENDED) or now >= deadline, self.phase is Phase.LIVE, deadline - now
+
+        return await self._wait_async(started)
+
+    async def _wait_async(self, poll: Callable[[float], tuple[bool, Any, float]]) -> Any:
+        """`poll(now)` under the lock says (done, value, how long to wait at most); until it is
+        done, wait without a thread for the port to change (`_Waiters`) or for that time."""
         event = asyncio.Event()
-        entry = (loop, event)
+        entry = (asyncio.get_running_loop(), event)
         while True:
             with self._cond:
-                now = self._clock()
-                frame = self._pop_answered(now)
-                if frame is not None or self.phase is Phase.ENDED or now >= deadline:
-                    return frame
-                wait = min(deadline, self._next_due(now)) - now
+                done, value, wait = poll(self._clock())
+                if done:
+                    return value
                 event.clear()
                 self._waiters.loops.append(entry)
             try:
                 await asyncio.wait_for(event.wait(), max(wait, 0.0))
-            except TimeoutError:
-                pass
-            finally:
-                with self._cond:
-                    self._waiters.loops.remove(entry)
-
-    async def until_live(self, timeout: float) -> bool:
-        """Wait (asyncio) until the system prompt has run; False if the call ended or it took longer."""
-        loop = asyncio.get_running_loop()
-        deadline = self._clock() + timeout
-        event = asyncio.Event()
-        entry = (loop, event)
-        while True:
-            with self._cond:
-                now = self._clock()
-                if self.phase in (Phase.LIVE, Phase.ENDED) or now >= deadline:
-                    return self.phase is Phase.LIVE
-                event.clear()
-                self._waiters.loops.append(entry)
-            try:
-                await asyncio.wait_for(event.wait(), deadline - now)
             except TimeoutError:
                 pass
             finally:

@@ -16,7 +16,6 @@ import enum
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 import threading
 import time
@@ -30,12 +29,12 @@ import torch
 
 from .audio import AudioError, normalize_loudness, read_audio, write_wav
 from .audio import preload as preload_codecs
+from .capacity import SLOT_MEMORY_RESERVE, cpu_threads, lm_parameter_count, slot_bytes, suggest_slots
 from .config import DEFAULT_TEXT_PROMPT, FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
 from .engine import Engine
 from .errors import SettingsError, UserError
 from .generate import PromptPlan
 from .health import BEHIND_TICK_MS, FRAME_MS
-from .lm import LMModel
 from .loading import CheckpointError, Models, load_models, resolve_checkpoint
 from .persona import VoicePrompt
 from .recording import FileStore
@@ -58,7 +57,6 @@ MAX_CUSTOM_VOICES = 64  # encoded custom voices kept
 MAX_TICK_MS = 70.0  # the default number of conversations keeps one tick of all of them under this
 FILES_GRACE_S = 60.0  # a new folder of results is not deleted for the count before Gradio has copied it
 OFFLINE_SHARE = 4  # offline runs at once: at most one in this many slots, live calls come first
-SLOT_MEMORY_RESERVE = 4 * 1024**3  # activations, CUDA graphs, allocator slack
 
 
 class State(enum.Enum):
@@ -219,7 +217,7 @@ class Service:
 
     def _check_room(self) -> torch.dtype | None:
         """Refuse early, before a 17 GB download, what cannot fit; the LM dtype to load with."""
-        weights = 2 * sum(_lm_parameter_count(self.config).values())  # bf16 bytes
+        weights = 2 * sum(lm_parameter_count(self.config).values())  # bf16 bytes
         if self.device.type == "cuda":
             free, total = torch.cuda.mem_get_info(self.device)
             need = weights + 2 * slot_bytes(self.config, torch.bfloat16) + SLOT_MEMORY_RESERVE // 2  # a slot, and a prefill's
@@ -522,41 +520,9 @@ def offline_runs(slots: int) -> int:
     return max(1, slots // OFFLINE_SHARE)
 
 
-def cpu_threads() -> int:
-    """Torch threads for a model on the CPU: half the cores. The other half serve every call's
-    WebRTC and Opus work on the event loop; with all cores, torch's busy-waiting threads and the
-    event loop take turns and live audio comes late (measured on 2 cores: 72 of 245 frames of a
-    20 s call came too late with 2 threads, none with 1)."""
-    return max(1, (os.cpu_count() or 2) // 2)
-
-
-def _lm_parameter_count(config: ModelConfig) -> dict[str, int]:
-    with torch.device("meta"):
-        return {name: p.numel() for name, p in LMModel(config.lm).named_parameters()}
-
-
 def _keep(cache: OrderedDict, key: object, value: object, limit: int) -> None:
     """Put `value` in the least-recently-used `cache`, which keeps the `limit` newest."""
     cache[key] = value
     cache.move_to_end(key)
     while len(cache) > limit:
         cache.popitem(last=False)
-
-
-def slot_bytes(config: ModelConfig, dtype: torch.dtype) -> int:
-    """Device memory one conversation slot holds: the LM's KV cache plus Mimi's states."""
-    lm, mimi = config.lm, config.mimi
-    itemsize = torch.tensor([], dtype=dtype).element_size()
-    kv = 2 * lm.num_layers * lm.context * lm.dim * itemsize
-    mimi_kv = 2 * 2 * mimi.transformer.num_layers * (mimi.transformer.context + 1) * mimi.transformer.d_model * 4
-    return kv + mimi_kv + 8 * 1024**2
-
-
-def suggest_slots(config: ModelConfig, dtype: torch.dtype, device: torch.device, cap: int = 64) -> int:
-    """As many slots as the free device memory holds (after the weights), at most `cap`. One
-    slot's worth more is kept for the engine's own work: a prompt is prefilled in states of its
-    own before it is copied into its slot (`Engine.start_pieces`)."""
-    if device.type != "cuda":
-        return 4
-    free, _ = torch.cuda.mem_get_info(device)
-    return max(1, min(cap, int((free - SLOT_MEMORY_RESERVE) // slot_bytes(config, dtype)) - 1))
