@@ -222,6 +222,7 @@ def test_the_page_in_front_in_a_browser_a_custom_voice_a_call_its_captions_and_i
             expect(page.locator("#live [data-ending='stopped']")).to_contain_text("You ended the call.")
             expect(page.locator("#recording a")).to_have_attribute("href", re.compile(r"call\.wav$"), timeout=10_000)
             expect(page.locator("#transcript_file a")).to_have_attribute("href", re.compile(r"transcript\.txt$"))
+            page.screenshot(path=str(ROOT / "tests" / "artifacts" / "front-after-the-call.png"), full_page=True)
         finally:
             ctx.close()
             shutil.rmtree(profile, ignore_errors=True)
