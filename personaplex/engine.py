@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from .audio import normalize_loudness, read_audio
+from .batch_graphs import compile_piece, tracing_every_batch
 from .config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS
 from .generate import LMGen, PromptFrames, PromptPlan, plan_prompt
 from .graphs import StepGraphs, compile_enabled, graphs_enabled
@@ -108,6 +109,7 @@ class Engine:
         pinning: bool = False,
         compile: bool | None = None,
         prefix_attention: bool | None = None,
+        one_graph: bool = True,
     ) -> None:
         self.models = models
         self.num_slots = num_slots
@@ -125,7 +127,13 @@ class Engine:
         self._parked: set[int] = set()  # slots whose attention window stays empty until their start (`park`)
         self.compile_failed: str | None = None  # why the step runs eagerly although compiling was asked for
         self.prefix_attention_failed: str | None = None  # why compiled attention reads every ring entry
-        self._compile(compile_enabled(self.device) if compile is None else compile)
+        compiling = compile_enabled(self.device) if compile is None else compile
+        # Each compiled piece one graph for every bucket (`batch_graphs`), or (`one_graph=False`, to
+        # measure against) one per bucket, the bucket of one slot included.
+        self._every_batch = compiling and num_slots > 1 and one_graph
+        self._smallest_bucket = 2 if self._every_batch else 1
+        self.every_batch_failed: str | None = None  # why the pieces were compiled once per bucket instead
+        self._compile(compiling)
         self._graphs: StepGraphs | None = None
         self.graphs_failed: str | None = None  # why the step runs without CUDA graphs although they were asked for
         if graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs:
@@ -159,30 +167,36 @@ class Engine:
         return self.models.lm.transformer.attends_prefix(self.device)
 
     def compile_steps(self, on: bool) -> None:
-        """The tick's pieces compiled (one graph per bucket each) or eager: Mimi's frame encode
-        and decode, the temporal layers, the text sampling with the depformer. Each bucket is
-        compiled at its first tick: `Engine(compile=True)` does that for all of them at once."""
+        """The tick's pieces compiled or eager: Mimi's frame encode and decode, the temporal
+        layers, the text sampling with the depformer. Each piece is one graph for every bucket
+        (`batch_graphs`), compiled at its first tick: `Engine(compile=True)` does that at once."""
         mimi = self.models.mimi
-        self.gen.compile_steps(on)
-        self._encode = torch.compile(mimi.encode, fullgraph=True, dynamic=False) if on else mimi.encode
-        self._decode = torch.compile(mimi.decode, fullgraph=True, dynamic=False) if on else mimi.decode
+        self.gen.compile_steps(on, self._every_batch)
+        self._encode = compile_piece(mimi.encode, self._every_batch) if on else mimi.encode
+        self._decode = compile_piece(mimi.decode, self._every_batch) if on else mimi.decode
 
     @torch.inference_mode()
     def _compile(self, on: bool) -> None:
-        """Compile the tick's hot pieces (`compile_steps`) for every bucket now, before
-        any graph is captured and any call waits; if that fails, run eagerly and say so."""
+        """Compile the tick's hot pieces (`compile_steps`) and run them at every bucket now,
+        before any graph is captured and any call waits; if that fails, run eagerly and say so."""
         self.compile_steps(on)
         if not on:
             return
-        limit = torch._dynamo.config.recompile_limit  # one graph per bucket, per compiled piece
+        self.models.mimi.fill_caches()  # computed eagerly, so that no graph guards on them
+        limit = torch._dynamo.config.recompile_limit  # room for a graph per bucket, should a piece need that
         torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.buckets()) + 2)
         transformer = self.models.lm.transformer
         failure = self._warm_buckets()
+        if failure is not None and self._every_batch:  # a graph per bucket: a longer start, the same ticks
+            logger.warning("trying again with one graph per bucket")
+            self.every_batch_failed, self._every_batch = failure, False
+            self.compile_steps(True)
+            failure = self._warm_buckets()
         if failure is not None and transformer.prefix_attention is None:  # the flex kernel may be what failed
             logger.warning("trying again with attention over every ring entry")
             self.prefix_attention_failed = failure
             transformer.prefix_attention = False
-            self.compile_steps(True)
+            transformer.compile_steps(True, self._every_batch)  # the other pieces keep their graphs
             failure = self._warm_buckets()
         if failure is not None:  # a slower engine is better than none
             logger.warning("running the engine step eagerly")
@@ -191,10 +205,12 @@ class Engine:
         self._reset_all()  # the warm-up stepped every slot: start them afresh
 
     def _warm_buckets(self) -> str | None:
-        """Step every bucket once (compiling what is compiled for it); what failed, if anything."""
+        """Step every bucket once, the largest first (its call compiles what is compiled for
+        them all); what failed, if anything."""
         try:
-            for bucket in self.buckets():
-                self._step_bucket(torch.zeros(bucket, FRAME_SIZE, device=self.device), bucket)
+            with tracing_every_batch():
+                for bucket in reversed(self.buckets()):
+                    self._step_bucket(torch.zeros(bucket, FRAME_SIZE, device=self.device), bucket)
         except Exception as exc:
             logger.exception("compiling the engine step failed")
             return f"{type(exc).__name__}: {exc}"
@@ -362,8 +378,9 @@ class Engine:
         return states
 
     def buckets(self) -> list[int]:
-        """Batch sizes a tick may use: powers of two below `num_slots`, and `num_slots`."""
-        sizes = [1 << i for i in range(self.num_slots.bit_length()) if 1 << i < self.num_slots]
+        """Batch sizes a tick may use: powers of two below `num_slots`, and `num_slots`; from 2
+        when compiled (`batch_graphs`)."""
+        sizes = [1 << i for i in range(self.num_slots.bit_length()) if self._smallest_bucket <= 1 << i < self.num_slots]
         return [*sizes, self.num_slots]
 
     def bucket_for(self, slots: int) -> int:

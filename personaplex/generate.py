@@ -25,6 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .batch_graphs import compile_piece
 from .config import CODES_PER_STREAM, UNGENERATED_ID, LMConfig
 from .lm import LMModel
 from .sampling import MAX_TOP_K, SamplingParams, race_noise, sample_tokens, stream_keys
@@ -164,11 +165,11 @@ class LMGen(StreamingModule):
         self._run_heads = self._heads
         self.compiled = False
 
-    def compile_steps(self, on: bool = True) -> None:
+    def compile_steps(self, on: bool = True, every_batch: bool = False) -> None:
         """Run the text sampling and the depformer of a live step (`_heads`) as one graph of
-        `torch.compile` per batch size (and `Transformer.compile_steps` for the temporal layers)."""
-        self.lm.transformer.compile_steps(on)
-        self._run_heads = torch.compile(self._heads, fullgraph=True, dynamic=False) if on else self._heads
+        `torch.compile` (`compile_piece`), and `Transformer.compile_steps` for the temporal layers."""
+        self.lm.transformer.compile_steps(on, every_batch)
+        self._run_heads = compile_piece(self._heads, every_batch) if on else self._heads
         self.compiled = on
 
     def make_state(self, batch_size: int) -> RingState:

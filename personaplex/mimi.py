@@ -71,6 +71,10 @@ class Mimi(nn.Module):
         self.downsample = _Downsample(dim, cfg.downsample_stride)
         self.upsample = _Upsample(dim, cfg.downsample_stride)
 
+    def fill_caches(self) -> None:
+        """Compute what the codebooks cache (their centroids) now, not at the first encode."""
+        self.quantizer.fill_caches()
+
     def encode(self, pcm: torch.Tensor) -> torch.Tensor:
         """pcm [B, 1, F * 1920] float32 -> codes [B, 8, F] int64."""
         _, C, T = pcm.shape

@@ -94,6 +94,12 @@ class SplitResidualVectorQuantizer(nn.Module):
         self.rvq_first = ResidualVectorQuantizer(cfg.dimension, in_dim, cfg.bins, cfg.n_q_semantic)
         self.rvq_rest = ResidualVectorQuantizer(cfg.dimension, in_dim, cfg.bins, cfg.n_q - cfg.n_q_semantic)
 
+    def fill_caches(self) -> None:
+        """Compute every codebook's centroids now (a compiled encode then takes no guard on them)."""
+        for rvq in (self.rvq_first, self.rvq_rest):
+            for codebook in rvq.codebooks(len(rvq.vq.layers)):
+                codebook.centroids()
+
     def encode(self, x: torch.Tensor, num_codebooks: int) -> torch.Tensor:
         """latent [B, in_dim, T] -> codes [B, num_codebooks, T]; both parts see the same input."""
         semantic = self.rvq_first.encode(x, self.n_q_semantic)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .batch_graphs import compile_piece
 from .prefix_attention import BlockMask, prefix_attention, prefix_mask
 from .streaming import StreamingModule, StreamingState
 
@@ -294,12 +295,12 @@ class Transformer(StreamingModule):
         zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
         return OffsetState(offset=zeros, pinned=zeros.clone(), advance=torch.ones_like(zeros))
 
-    def compile_steps(self, on: bool = True) -> None:
+    def compile_steps(self, on: bool = True, every_batch: bool = False) -> None:
         """Run the layers of one-step streaming calls (the live tick) through `torch.compile`:
-        one graph per batch size, shared by every layer (their weights are its inputs), whose
+        one graph (for every batch size with `every_batch`, see `batch_graphs`), shared by every layer (their weights are its inputs), whose
         attention reads only each slot's filled ring entries (see `prefix_attention`). Prompts
         and voice encodings (many steps at once, of any length) stay eager."""
-        self._compiled_step = torch.compile(_run_layer, fullgraph=True, dynamic=False) if on else None
+        self._compiled_step = compile_piece(_run_layer, every_batch) if on else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         plan = self._plan(x)
