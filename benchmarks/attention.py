@@ -29,6 +29,8 @@ from personaplex.config import PERSONAPLEX_7B
 from personaplex.prefix_attention import prefix_attention, prefix_mask
 from personaplex.transformer import pinned_attention
 
+from .rows import Rows
+
 PERSONA = 100  # pinned entries with --pinned (a short voice prompt and role)
 
 
@@ -88,7 +90,8 @@ def kernel_ms(fn, args: tuple, device: torch.device, reps: int) -> float:
     return total_us / 1000 / reps
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
+    out = rows_out or Rows(None)
     device = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if device.type == "cuda" else torch.float32)
     if device.type == "cpu":
@@ -99,6 +102,11 @@ def run(args: argparse.Namespace) -> dict:
               "prefix": torch.compile(prefix, fullgraph=True, dynamic=False)}
     if args.pinned and device.type == "cpu":
         del routes["prefix"]
+    setup = {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "heads": H, "head_dim": D, "context": C,
+             "pinned": args.pinned, "threads": torch.get_num_threads() if device.type == "cpu" else None,
+             "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+             "torch": torch.__version__}
+    out.emit("setup", **setup)
     rows = []
     for n in [int(s) for s in args.sessions.split(",")]:
         g = torch.Generator(device=device).manual_seed(n)
@@ -113,10 +121,8 @@ def run(args: argparse.Namespace) -> dict:
                 row[f"{name}_ms"] = round(time_calls(fn, call, device, args.reps), 4)
                 row[f"{name}_kernel_ms"] = round(kernel_ms(fn, call, device, args.reps), 4)
             rows.append(row)
-    return {"device": str(device), "dtype": str(dtype).removeprefix("torch."), "heads": H, "head_dim": D, "context": C,
-            "pinned": args.pinned, "threads": torch.get_num_threads() if device.type == "cpu" else None,
-            "hardware": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-            "torch": torch.__version__, "rows": rows}
+            out.emit("attention", **row)
+    return {**setup, "rows": rows}
 
 
 def render(result: dict) -> str:
@@ -141,9 +147,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
     p.add_argument("--pinned", action="store_true", help="every slot keeps a persona (two queries)")
     p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.add_argument("--rows", help="append each figure to this file as a JSON line the moment it is measured")
     args = p.parse_args(argv)
-    with torch.inference_mode():
-        result = run(args)
+    with torch.inference_mode(), Rows(args.rows) as rows:
+        result = run(args, rows)
     sys.stdout.write((json.dumps(result) if args.json else render(result)) + "\n")
 
 

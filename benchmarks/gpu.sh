@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU suite in one command, for whoever has a CUDA GPU (10 to 15 minutes on an H100/H200,
-# compiling every bucket included): the device and versions, the GPU tests, the engine benchmark
+# compiling included): the device and versions, the GPU tests, the engine benchmark
 # on the 7B preset in bf16 (random weights, compiled) at 1 to 64 sessions (as many as the card
 # holds) with CUDA graphs and without, every ring full, memory, a profile of one tick; the same
 # uncompiled at 1, 8 and 64 sessions; one layer's attention over what each slot holds against
@@ -15,8 +15,9 @@
 #   python -m benchmarks.step --device cuda --preset 7b --sessions 1,8 --ticks 300
 # benchmarks/gpu.sh --first: the first GPU time in one 10-minute call with a minute to spare
 # (cold Inductor cache): the device and versions, the GPU tests, the 7B in bf16 uncompiled at 1,
-# 8 and as many sessions as fit (graphs on and off, every ring full, memory per slot against the
-# estimate), the 7B compiled at 1 session with its compile time and route, one layer's attention;
+# 2, 8 and as many sessions as fit (young rings; then every ring full, each count with its graph and
+# without; memory per slot against the estimate), the 7B compiled with 8 slots at 1 and 8
+# sessions with its compile time and route, one layer's attention;
 # each step time-stamped and under its own limit, every figure written as it is measured.
 # GPU_OUT names the folder for the JSON and the log (default benchmarks/out). On a machine with
 # no package index, see benchmarks/device_wheels.sh.
@@ -42,16 +43,17 @@ if [ "${1:-}" = --first ]; then
     at() { echo "== $(date -u +%H:%M:%S) $*"; }  # every step time-stamped: what a cut-short call still tells
     at "GPU tests: graphs replay eager, the prefix route in a graph"
     timeout 100 "$PY" -m pytest -q tests/test_gpu.py -k "prefix_route or not compiled" || status=1
-    at "7B, bf16, uncompiled: 1, 8 and as many sessions as fit; graphs on, then off at the same (full) rings; memory per slot"
-    timeout 230 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,max --ticks 200 --no-compile --eager-too \
+    at "7B, bf16, uncompiled: 1, 2, 8 and as many sessions as fit; on full rings graphs on, then off; memory per slot"
+    timeout 230 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,2,8,max --ticks 200 --no-compile --eager-too \
         --rows "${json%.json}-first-rows.jsonl" --json > "${json%.json}-first.json" || status=$?
     bench step "${json%.json}-first.json"
-    at "7B, bf16, compiled, 1 session: its compile time (the engine row) and the route it took"
-    timeout 170 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1 --ticks 200 \
+    at "7B, bf16, compiled, 8 slots (one graph per piece for buckets 2, 4 and 8), 1 and 8 sessions: compile time (the engine row), route"
+    timeout 170 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8 --ticks 200 \
         --rows "${json%.json}-compiled-rows.jsonl" --json > "${json%.json}-compiled.json" || status=$?
     bench step "${json%.json}-compiled.json"
     at "one layer's attention, 7B heads, plain"
-    timeout 40 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 --json > "${json%.json}-attention.json" || status=$?
+    timeout 40 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 \
+        --rows "${json%.json}-attention-rows.jsonl" --json > "${json%.json}-attention.json" || status=$?
     bench attention "${json%.json}-attention.json"
     at "done: $out/gpu-$stamp* (exit $status)"
     exit "$status"
@@ -64,9 +66,9 @@ if [ "${1:-}" = --quick ]; then
         --rows "${json%.json}-no-compile-rows.jsonl" --json > "${json%.json}-no-compile.json" || status=$?  # rows kept if cut short
     bench step "${json%.json}-no-compile.json"
     echo "== one layer's attention, 7B heads, plain and pinned"
-    timeout 50 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 --json > "${json%.json}-attention-plain.json" || status=$?
+    timeout 50 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 --rows "${json%.json}-attention-rows.jsonl" --json > "${json%.json}-attention-plain.json" || status=$?
     bench attention "${json%.json}-attention-plain.json"
-    timeout 50 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 --pinned --json > "${json%.json}-attention-pinned.json" || status=$?
+    timeout 50 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 --pinned --rows "${json%.json}-attention-rows.jsonl" --json > "${json%.json}-attention-pinned.json" || status=$?
     bench attention "${json%.json}-attention-pinned.json"
     echo "wrote $out/gpu-$stamp* (exit $status)"
     exit "$status"
@@ -84,7 +86,7 @@ bench step "${json%.json}-no-compile.json"
 echo "== one layer's attention, 7B heads: over what each slot holds (flex) against masked, plain and pinned"
 for kind in plain pinned; do
     f="${json%.json}-attention-$kind.json"
-    "$PY" -m benchmarks.attention --device cuda --sessions 1,8,64 --reps 200 $([ $kind = pinned ] && echo --pinned) --json > "$f" \
+    "$PY" -m benchmarks.attention --device cuda --sessions 1,8,64 --reps 200 $([ $kind = pinned ] && echo --pinned) --rows "${f%.json}-rows.jsonl" --json > "$f" \
         || status=$?
     bench attention "$f"
 done

@@ -10,7 +10,9 @@ The latency of frame k is the time from the push of the chunk that completed it 
 the session hands out the model's answer to it: the wait for the tick plus the tick's compute
 (reported too). Two stretches are measured: "quiet" (only the four calls) and "load" (at its
 start 8 more sessions join at once and a 30 s custom voice is encoded). The engine thread's
-tick starts give the intervals between ticks. Figures live in BENCHMARKS.md.
+tick starts give the intervals between ticks. Figures live in BENCHMARKS.md. With `--rows PATH`
+each figure is also appended there as a JSON line the moment it is known: the service's start
+first, then each join and the voice's encoding as they finish, then each stretch.
 """
 
 from __future__ import annotations
@@ -35,6 +37,8 @@ from personaplex.config import FRAME_SIZE, SAMPLE_RATE
 from personaplex.sampling import SamplingParams
 from personaplex.service import Service, Settings
 from personaplex.session import Session
+
+from .rows import Rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny" / "checkpoint"
@@ -107,14 +111,27 @@ def long_voice(folder: Path, seconds: float) -> Path:
     return path
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
+    out = rows_out or Rows(None)
+    lock = threading.Lock()  # the joiners and the voice's encoding write rows from their own threads
+
+    def emit(row: str, **figures: object) -> None:
+        with lock:
+            out.emit(row, **figures)
+
     torch.manual_seed(0)
     service = Service(Settings(checkpoint=str(TINY), config=str(TINY / "tiny_config.json"), device="cpu",
                                max_sessions=args.slots))
+    started = time.perf_counter()
     service.start()
     assert service.wait_ready(120).ready, service.status.message
     worker = service.worker
     assert worker is not None
+    machine = {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
+               "torch_threads": torch.get_num_threads()}
+    emit("service", checkpoint="tiny", device="cpu", slots=args.slots, chunk_ms=args.chunk_ms, phases_ms=args.phases_ms,
+         joiners=args.joiners, start_s=round(time.perf_counter() - started, 1), status=service.status.message,
+         warm_up_tick_ms=service.status.frame_ms, **machine)
     ticks: list[float] = []
     compute: list[tuple[float, float]] = []
     original = worker._tick
@@ -153,6 +170,7 @@ def run(args: argparse.Namespace) -> dict:
             while session.phase.value == "starting":
                 time.sleep(0.002)
             join_ms.append((time.monotonic() - begun) * 1000)  # until its prompt has run
+            emit("join", phase_ms=round(client.phase_s * 1000), to_live_ms=round(join_ms[-1], 1))
 
         client.run(speech, time.monotonic(), stop, timed_begin)
 
@@ -160,6 +178,7 @@ def run(args: argparse.Namespace) -> dict:
         begun = time.monotonic()
         service.add_custom_voice(voice_path, "latency")
         voice_ms.append((time.monotonic() - begun) * 1000)
+        emit("voice_encode", seconds=args.voice_seconds, ms=round(voice_ms[0], 1))
 
     def load() -> None:
         time.sleep(max(0.0, load_at - time.monotonic()))
@@ -183,8 +202,7 @@ def run(args: argparse.Namespace) -> dict:
 
     stretches = {"quiet": (quiet_from, load_at), "load": (load_at, stop)}
     result = {
-        "machine": {"python": platform.python_version(), "torch": torch.__version__, "cpu": platform.processor() or platform.machine(),
-                    "torch_threads": torch.get_num_threads()},
+        "machine": machine,
         "slots": args.slots, "chunk_ms": args.chunk_ms,
         "tick_ms_last": round(worker.last_tick_ms, 1),
         "join_to_live_ms": summary(join_ms), "voice_encode_ms": round(voice_ms[0], 1) if voice_ms else None,
@@ -198,6 +216,9 @@ def run(args: argparse.Namespace) -> dict:
                          **summary(c.latencies_ms(since, until)),
                          "unheard": c.session.stats.unheard, "silent_out": c.session.stats.silent_out} for c in clients],
         }
+        emit("stretch", stretch=name, **result[name])
+    emit("after_calls", tick_ms_last=result["tick_ms_last"], join_to_live_ms=result["join_to_live_ms"],
+         voice_encode_ms=result["voice_encode_ms"])
     return result
 
 
@@ -212,8 +233,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--joiners", type=int, default=8)
     p.add_argument("--voice-seconds", type=float, default=29.5)
     p.add_argument("--json", help="also write the result to this file")
+    p.add_argument("--rows", help="append each figure to this file as a JSON line the moment it is measured")
     args = p.parse_args(argv)
-    result = run(args)
+    with Rows(args.rows) as rows:
+        result = run(args, rows)
     text = json.dumps(result, indent=2)
     if args.json:
         Path(args.json).write_text(text)

@@ -18,6 +18,10 @@ same conversation until the prompt starts to slide out. `--out` receives:
     side_by_side.md           every user turn with what each run said until the next turn
     summary.json              lengths, when the prompt starts to slide out, ms per frame
 
+With `--rows PATH` each figure is also appended there as a JSON line the moment it is measured:
+the checkpoint, the device and the load time first, then each run as it ends, then where the
+two runs part.
+
 On the tiny test checkpoint the model babbles, but the machinery is the same (the tests run it
 with a short context and a shortened script).
 """
@@ -43,6 +47,8 @@ from personaplex.offline import Conversation, converse
 from personaplex.sampling import SamplingParams
 from personaplex.text import caption_text, piece_label
 from personaplex.transcript import clock_text
+
+from .rows import Rows
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "long_call" / "script.json"
@@ -115,11 +121,16 @@ def side_by_side(turns: list[Turn], calls: dict[str, Conversation], tokenizer, s
     return "\n".join(lines) + "\n"
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
+    out = rows_out or Rows(None)
     script = load_script(args.script)
     config = load_config(args.config) if args.config else PERSONAPLEX_7B
     dtype = getattr(torch, args.dtype) if args.dtype else None
+    started = time.perf_counter()
     models = load_models(resolve_checkpoint(args.checkpoint, args.hf_repo), config, args.device, dtype)
+    out.emit("models", checkpoint=args.checkpoint or args.hf_repo or "the release", config=args.config, device=args.device,
+             dtype=str(next(models.lm.parameters()).dtype).removeprefix("torch."),
+             load_s=round(time.perf_counter() - started, 1), torch=torch.__version__, cuda=torch.version.cuda)
     seconds = (args.minutes or script.minutes) * 60
     user = user_track(script.turns, seconds)
     sampling = SamplingParams(greedy=args.greedy, seed=args.seed)
@@ -130,20 +141,23 @@ def run(args: argparse.Namespace) -> dict:
                      "device": args.device, "runs": {}}
     for name in RUNS:
         keep = name == "pinned"
+        started = time.perf_counter()
         engine = Engine(models, num_slots=1, pinning=keep)
+        engine_s = time.perf_counter() - started
         prompt = engine.prompt(engine.voice(args.voice or script.voice), script.role)
         started = time.perf_counter()
         calls[name] = call = converse(engine, user, prompt, sampling, keep_persona=keep)
         wall = time.perf_counter() - started
+        summary["prompt_frames"] = prompt.num_frames
+        summary["runs"][name] = {"frames": len(call.text_ids), "wall_s": round(wall, 1),
+                                 "ms_per_frame": round(1000 * wall / max(1, len(call.text_ids)), 2)}
+        out.emit("run", run=name, prompt_frames=prompt.num_frames, engine_start_s=round(engine_s, 1), **summary["runs"][name])
         folder = args.out / name
         folder.mkdir(exist_ok=True)
         write_wav(folder / "agent.wav", call.pcm)
         write_wav(folder / "call.wav", np.stack([user, call.pcm], axis=1))
         labels = [piece_label(t, models.tokenizer) for t in call.text_ids]
         (folder / "text.json").write_text(json.dumps(labels, ensure_ascii=False))
-        summary["prompt_frames"] = prompt.num_frames
-        summary["runs"][name] = {"frames": len(call.text_ids), "wall_s": round(wall, 1),
-                                 "ms_per_frame": round(1000 * wall / max(1, len(call.text_ids)), 2)}
         logger.info("%s: %d frames in %.1f s", name, len(call.text_ids), wall)
     # A prompt of F frames runs F - 1 transformer steps; user frame i is step F - 1 + i, and
     # the plain ring drops the prompt's first step at step `context`.
@@ -151,6 +165,7 @@ def run(args: argparse.Namespace) -> dict:
     sliding, pinned = (calls[name] for name in RUNS)
     summary["same_text_until_s"] = first_difference(sliding.text_ids, pinned.text_ids) / FRAME_RATE
     summary["same_audio_until_s"] = first_difference(sliding.pcm, pinned.pcm) // FRAME_SIZE / FRAME_RATE
+    out.emit("parting", **{k: summary[k] for k in ("prompt_slides_out_at_s", "same_text_until_s", "same_audio_until_s")})
     table = side_by_side(script.turns, calls, models.tokenizer, seconds, summary["prompt_slides_out_at_s"])
     (args.out / "side_by_side.md").write_text(table)
     (args.out / "summary.json").write_text(json.dumps(summary, indent=1))
@@ -171,13 +186,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", choices=["float32", "bfloat16"], help="LM weights (default: bfloat16 on cuda, float32 on cpu)")
     p.add_argument("--out", type=Path, required=True, help="folder for the audio, the text and the summary")
+    p.add_argument("--rows", help="append each figure to this file as a JSON line the moment it is measured")
     return p.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    with torch.inference_mode():
-        summary = run(parse_args(argv))
+    args = parse_args(argv)
+    with Rows(args.rows) as rows, torch.inference_mode():
+        summary = run(args, rows)
     sys.stdout.write(json.dumps(summary, indent=1) + "\n")
 
 

@@ -11,7 +11,9 @@ short warm-up call (the first call loads Opus, aiortc and torch's caches), every
 received, the engine tick and what the model's window holds (the page's figures); the summary
 ("window") compares the stretch before every call's window was full with the stretch after
 (the app keeps the persona by default: the prompt stays, the oldest conversation slides out),
-so that growth, errors or a slow-down at the wrap show up.
+so that growth, errors or a slow-down at the wrap show up. With `--rows PATH` each figure is
+also appended there as a JSON line the moment it is taken: the app's start first, then the
+warm-up, every 10 s sample, each call as it ends, and the figures after the calls.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ from pathlib import Path
 from types import ModuleType
 
 import numpy as np
+
+from .rows import Rows
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "tests" / "fixtures" / "tiny" / "checkpoint"
@@ -91,7 +95,7 @@ def tick_ms(details: str) -> float | None:
     return float(text.split(" ms")[0]) if text else None
 
 
-async def soak(app: App, client: ModuleType, speech: np.ndarray, calls: int, seconds: float) -> dict:
+async def soak(app: App, client: ModuleType, speech: np.ndarray, calls: int, seconds: float, out: Rows) -> dict:
     samples: list[dict] = []
     started = time.monotonic()
     watched = [client.CallResult(audio=np.zeros(0, dtype=np.float32)) for _ in range(calls)]
@@ -102,20 +106,25 @@ async def soak(app: App, client: ModuleType, speech: np.ndarray, calls: int, sec
                             "received_s": [round(r.received_samples / client.RATE, 1) for r in watched],
                             "tick_ms": [tick_ms(r.details) for r in watched],
                             "memory": [health_figure(r.details, "the model's memory") for r in watched]})
+            out.emit("sample", **samples[-1])
             await asyncio.sleep(SAMPLE_EVERY_S)
 
     sampler = asyncio.ensure_future(sample())
     looped = np.tile(speech, int(seconds * client.RATE / speech.size) + 2)
-    results = await asyncio.gather(*(client.converse(app.url, looped, seconds, {"voice": "TESTV0"}, result=r)
-                                     for r in watched))
+
+    async def call(k: int, watch) -> dict:
+        r = await client.converse(app.url, looped, seconds, {"voice": "TESTV0"}, result=watch)
+        figures = {"received_s": round(r.audio.size / client.RATE, 1), "ended_by_app": r.ended,
+                   "tick": health_figure(r.details, "engine tick"), "user_dropped": health_figure(r.details, "your audio dropped"),
+                   "model_dropped": health_figure(r.details, "the model's audio dropped"),
+                   "call_time": health_figure(r.details, "call time"), "turns": len(r.conversation),
+                   "page_updates": r.output_updates, "update_errors": r.output_errors[:3]}
+        out.emit("call", call=k, **figures)
+        return figures
+
+    results = await asyncio.gather(*(call(k, r) for k, r in enumerate(watched)))
     sampler.cancel()
-    return {"samples": samples, "calls": [
-        {"received_s": round(r.audio.size / client.RATE, 1), "ended_by_app": r.ended,
-         "tick": health_figure(r.details, "engine tick"), "user_dropped": health_figure(r.details, "your audio dropped"),
-         "model_dropped": health_figure(r.details, "the model's audio dropped"),
-         "call_time": health_figure(r.details, "call time"), "turns": len(r.conversation),
-         "page_updates": r.output_updates, "update_errors": r.output_errors[:3]} for r in results
-    ]}
+    return {"samples": samples, "calls": list(results)}
 
 
 def before_and_after_the_window_fills(samples: list[dict]) -> dict:
@@ -145,30 +154,36 @@ def before_and_after_the_window_fills(samples: list[dict]) -> dict:
     return summary
 
 
-def run(args: argparse.Namespace) -> dict:
+def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
+    out = rows_out or Rows(None)
     client = load_client()
     speech = client.load_48k(str(args.speech))
+    started = time.perf_counter()
     app = App(args.port, f"{args.app_args} --max-sessions {args.calls} --time-limit 0")
     try:
         app.wait_ready()
         at_start = rss_mb(app.process.pid)
+        out.emit("app", calls=args.calls, minutes=args.minutes, app_args=args.app_args,
+                 start_s=round(time.perf_counter() - started, 1), rss_mb=round(at_start, 1))
         asyncio.run(client.converse(app.url, speech, 5.0, {"voice": "TESTV0"}))  # warm-up call
         time.sleep(2)
         after_warmup = rss_mb(app.process.pid)
-        result = asyncio.run(soak(app, client, speech, args.calls, args.minutes * 60))
+        out.emit("warmup", rss_mb=round(after_warmup, 1))
+        result = asyncio.run(soak(app, client, speech, args.calls, args.minutes * 60, out))
         time.sleep(10)
         at_end = rss_mb(app.process.pid)
         errors = [line for line in app.log.read_text().splitlines() if "Traceback" in line or " ERROR " in line]
     finally:
         app.stop()
     rss = [s["rss_mb"] for s in result["samples"]]
-    return {
-        "calls": args.calls, "minutes": args.minutes, "app_args": args.app_args,
+    figures = {
         "rss_mb": {"at_start": round(at_start, 1), "after_warmup": round(after_warmup, 1), "during_max": max(rss),
                    "during_median": statistics.median(rss), "after_calls": round(at_end, 1),
                    "growth_since_warmup": round(at_end - after_warmup, 1)},
-        "server_errors": len(errors), "window": before_and_after_the_window_fills(result["samples"]), **result,
+        "server_errors": len(errors), "window": before_and_after_the_window_fills(result["samples"]),
     }
+    out.emit("after_calls", **figures)
+    return {"calls": args.calls, "minutes": args.minutes, "app_args": args.app_args, **figures, **result}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -179,8 +194,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--app-args", default=DEFAULT_APP_ARGS, help="how to start app.py (default: the tiny checkpoint on the CPU)")
     p.add_argument("--speech", type=Path, default=ROOT / "examples" / "user_question.wav", help="what every caller says, in a loop")
     p.add_argument("--json", type=Path, help="also write the result here")
+    p.add_argument("--rows", help="append each figure to this file as a JSON line the moment it is measured")
     args = p.parse_args(argv)
-    result = run(args)
+    with Rows(args.rows) as rows:
+        result = run(args, rows)
     text = json.dumps(result, indent=1)
     if args.json:
         args.json.write_text(text)

@@ -31,6 +31,8 @@ from personaplex.mimi import Mimi
 from personaplex.persona import VoicePrompt, build_prompt
 from personaplex.sampling import SamplingParams
 
+from .rows import Rows
+
 VOICE_FRAMES = 50  # 4 s of voice prompt
 ROLE_TOKENS = 60
 
@@ -159,25 +161,6 @@ def profile_tick(engine: Engine, n: int) -> dict:
             "top_kernels_us": {name[:120]: round(us, 1) for name, us in top}}
 
 
-class Rows:
-    """Each figure as a JSON line the moment it is measured, flushed (`--rows PATH`): a run cut
-    short (a lease's time limit) keeps what it had, the engine's start and compile time first."""
-
-    def __init__(self, path: str | None) -> None:
-        self._file = open(path, "a") if path else None  # open for the whole run, closed in `close`
-        self._began = time.perf_counter()
-
-    def emit(self, row: str, **figures: object) -> None:
-        if self._file is not None:
-            line = {"row": row, "at_s": round(time.perf_counter() - self._began, 2), **figures}
-            self._file.write(json.dumps(line) + "\n")
-            self._file.flush()
-
-    def close(self) -> None:
-        if self._file is not None:
-            self._file.close()
-
-
 def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
     out = rows_out or Rows(None)
     device = torch.device(args.device)
@@ -200,10 +183,11 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
     started = time.perf_counter()
     keep = not args.no_pinning
     engine = Engine(models, num_slots=max(sessions), pinning=keep, compile=False if args.no_compile else None,
-                    prefix_attention=False if args.masked_attention else None)
+                    prefix_attention=False if args.masked_attention else None, one_graph=not args.graph_per_bucket)
     engine_s = time.perf_counter() - started  # compiling and capturing every bucket
     out.emit("engine", preset=args.preset, device=str(device), dtype=str(dtype).removeprefix("torch."), slots=max(sessions),
              start_s=round(engine_s, 1), compiled=engine.compiled, compile_failed=engine.compile_failed,
+             one_graph_per_piece_failed=engine.every_batch_failed,
              cuda_graphs=engine.cuda_graphs, cuda_graphs_failed=engine.graphs_failed, prefix_attention=engine.prefix_attention,
              torch=torch.__version__, cuda=torch.version.cuda, skipped_sessions=skipped)
     for slot in range(max(sessions)):
@@ -240,14 +224,16 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
     with engine.full_windows():  # the worst case: every ring full, as after 4 minutes of talk
         result["full_rings"] = tick_row(engine, max(sessions), args, None)
         out.emit("full_rings", **result["full_rings"])
-        if engine.cuda_graphs and args.eager_too:  # the same engine, its graphs set aside
-            graphs, engine._graphs = engine._graphs, None
+        if engine.cuda_graphs and args.eager_too:  # each count with its graph, then the same engine without
             eager = argparse.Namespace(**{**vars(args), "ticks": max(20, args.ticks // 5)})
-            result["eager_rows"] = []
-            for n in sessions:
+            result["graphed_full_rows"], result["eager_rows"] = [], []
+            for n in sessions:  # both on full rings: the same work, only the launches differ
+                result["graphed_full_rows"].append(tick_row(engine, n, eager, None))
+                out.emit("tick_with_graphs_full_rings", **result["graphed_full_rows"][-1])
+                graphs, engine._graphs = engine._graphs, None
                 result["eager_rows"].append(tick_row(engine, n, eager, None))
+                engine._graphs = graphs
                 out.emit("tick_without_graphs", **result["eager_rows"][-1])
-            engine._graphs = graphs
         if args.profile and device.type == "cuda":
             result["profile"] = {}
             for n in sorted({1, max(sessions)}):
@@ -282,8 +268,9 @@ def render(result: dict) -> str:
         lines.append(f"not measured (they do not fit this card): {result['skipped_sessions']} sessions")
     for n, prof in result.get("profile", {}).items():
         lines.append(f"profile, {n} sessions: {prof['kernels']} kernels, {prof['gpu_time_ms']} ms of GPU time")
-    for r in result.get("eager_rows", []):
-        lines.append(f"without CUDA graphs, {r['sessions']} sessions: median {r['median_ms']} ms, p99 {r['p99_ms']} ms")
+    for g, r in zip(result.get("graphed_full_rows", []), result.get("eager_rows", []), strict=True):
+        lines.append(f"every ring full, {r['sessions']} sessions: with CUDA graphs median {g['median_ms']} ms, p99 "
+                     f"{g['p99_ms']} ms; without, median {r['median_ms']} ms, p99 {r['p99_ms']} ms")
     t = result["time_to_first_audio"]
     lines.append(f"time to first audio (4 s voice + {ROLE_TOKENS}-token role): prefill {t['prefill_ms']} ms, "
                  f"frame by frame {t['stepped_ms']} ms")
@@ -347,9 +334,11 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--rows", help="append each figure to this file as a JSON line the moment it is measured")
     p.add_argument("--count-ops", action="store_true", help="count the kernels of one tick on the narrow 7B, on CPU")
     p.add_argument("--allow-eager", action="store_true", help="exit 0 even if the CUDA graphs could not be captured")
-    p.add_argument("--eager-too", action="store_true", help="on CUDA, also time every row without the graphs")
+    p.add_argument("--eager-too", action="store_true", help="on CUDA, also time every count on full rings with its graph and without")
     p.add_argument("--profile", action="store_true", help="on CUDA, profile one tick (kernels and their time)")
     p.add_argument("--no-compile", action="store_true", help="the engine without torch.compile (the default on CUDA)")
+    p.add_argument("--graph-per-bucket", action="store_true",
+                   help="compiled, one graph per bucket (a bucket of 1 included) instead of one for them all")
     p.add_argument("--masked-attention", action="store_true",
                    help="compiled attention over every ring entry, masked, instead of what each slot holds")
     p.add_argument("--no-pinning", action="store_true", help="the plain ring, the personas not kept (as the reference)")

@@ -24,12 +24,15 @@ def test_the_op_count_of_a_tick_runs_on_cpu_and_the_tick_never_reads_the_device(
     assert row["ops"] == sum(row["by_part"].values()) and {"temporal transformer", "depformer", "sampling"} <= set(row["by_part"])
 
 
-def test_the_attention_benchmark_times_both_routes_on_cpu(capsys):
+def test_the_attention_benchmark_times_both_routes_on_cpu_and_writes_each_row_as_measured(capsys, tmp_path):
     from benchmarks.attention import main as attention
 
-    attention(["--sessions", "1", "--fills", "0.03,1", "--reps", "2", "--json"])
+    rows = tmp_path / "rows.jsonl"
+    attention(["--sessions", "1", "--fills", "0.03,1", "--reps", "2", "--json", "--rows", str(rows)])
     result = json.loads(capsys.readouterr().out)
-    assert [r["filled"] for r in result["rows"]] == [90, 3000]
+    lines = [json.loads(line) for line in rows.read_text().splitlines()]
+    assert [line["row"] for line in lines] == ["setup", "attention", "attention"] and lines[0]["heads"] == 32
+    assert [line["filled"] for line in lines[1:]] == [r["filled"] for r in result["rows"]] == [90, 3000]
     assert all(r["masked_ms"] > 0 and r["prefix_ms"] > 0 for r in result["rows"])
     assert all(0 < r["masked_kernel_ms"] and 0 < r["prefix_kernel_ms"] for r in result["rows"])  # by the profiler
 

@@ -41,7 +41,7 @@ def probe(tmp_path_factory):
     (folder / "config.json").write_text(json.dumps(config))
     out = folder / "out"
     long_call.main(["--checkpoint", str(CHECKPOINT), "--config", str(folder / "config.json"), "--voice", "TESTV0",
-                    "--minutes", str(MINUTES), "--device", "cpu", "--out", str(out)])
+                    "--minutes", str(MINUTES), "--device", "cpu", "--out", str(out), "--rows", str(folder / "rows.jsonl")])
     return out
 
 
@@ -71,3 +71,13 @@ def test_the_runs_are_the_same_call_until_the_prompt_slides_out(probe):
     cut = round(slides_out * FRAME_RATE) * FRAME_SIZE
     np.testing.assert_array_equal(sliding[:cut], pinned[:cut])
     assert not np.array_equal(sliding, pinned)
+
+
+def test_each_figure_is_written_as_a_row_the_moment_it_is_measured(probe):
+    rows = [json.loads(line) for line in (probe.parent / "rows.jsonl").read_text().splitlines()]
+    assert [r["row"] for r in rows] == ["models", "run", "run", "parting"]  # what it started with first
+    assert rows[0]["device"] == "cpu" and rows[0]["load_s"] >= 0
+    summary = json.loads((probe / "summary.json").read_text())
+    for row, name in zip(rows[1:3], long_call.RUNS):
+        assert row["run"] == name and {k: row[k] for k in summary["runs"][name]} == summary["runs"][name]
+    assert rows[3]["prompt_slides_out_at_s"] == summary["prompt_slides_out_at_s"]
