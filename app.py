@@ -692,6 +692,13 @@ def turn_configuration():
     return browser_credentials, server
 
 
+def keep_compiled_kernels() -> None:
+    """On a Space with persistent storage (mounted at /data), Inductor's cache of compiled kernels
+    lives there, so that a restart does not compile the engine from nothing again."""
+    if os.environ.get("SPACE_ID") and os.access("/data", os.W_OK):
+        os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", "/data/torchinductor")
+
+
 def model_settings(args: argparse.Namespace) -> tuple[Settings, str]:
     """The model to load, and a banner for the page ("": none): the tiny test model when no model
     was named and there is no CUDA GPU (`on_the_tiny_model`), so that a laptop gets a working page."""
@@ -740,6 +747,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     if bool(args.ssl_certfile) != bool(args.ssl_keyfile):
         raise SystemExit("give both --ssl-certfile and --ssl-keyfile, or neither")
+    keep_compiled_kernels()
     os.umask(0o077)  # what the app writes (recordings, uploads, Gradio's copies) is its own: folders 0700, files 0600
     if args.engine_url:  # no model here: every call goes to the cluster (personaplex.cluster)
         service, banner = RemoteService(args.engine_url), ""

@@ -34,6 +34,7 @@ from .config import DEFAULT_TEXT_PROMPT, FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B,
 from .engine import Engine
 from .errors import SettingsError, UserError
 from .generate import PromptPlan
+from .graphs import compile_enabled
 from .health import BEHIND_TICK_MS, FRAME_MS
 from .loading import CheckpointError, Models, load_models, resolve_checkpoint
 from .persona import VoicePrompt
@@ -194,6 +195,9 @@ class Service:
                 torch.set_num_threads(cpu_threads())
             self.models = load_models(files, self.config, self.device, dtype)
             slots = s.max_sessions or suggest_slots(self.config, self.models.lm.dtype, self.device)
+            if compile_enabled(self.device):
+                self._set(State.LOADING, f"compiling the engine's step for {slots} conversation slots (minutes on a "
+                          "first start; a kept Inductor cache makes it quicker)")
             self.engine = Engine(self.models, num_slots=slots, pinning=True)
             self.worker = EngineWorker(self.engine)
             self._set(State.WARMING_UP, "warming up")
