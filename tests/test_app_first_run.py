@@ -26,3 +26,19 @@ def test_without_a_gpu_the_first_command_gives_a_working_page_on_the_tiny_model(
     assert "This is the tiny test model, not PersonaPlex-7B." in shown and "needs a CUDA GPU" in shown
     assert "Failed" not in shown and "no CUDA GPU found" not in app.output()
     assert not call.refused and call.first_audio_after_s is not None  # it babbles, and the call works
+
+
+def test_on_a_space_with_persistent_storage_compiled_kernels_are_kept_there(monkeypatch):
+    import app
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
+    monkeypatch.setattr(app.os, "access", lambda path, mode: path == "/data")
+    app.keep_compiled_kernels()
+    assert "TORCHINDUCTOR_CACHE_DIR" not in app.os.environ  # not a Space: torch's own default
+    monkeypatch.setenv("SPACE_ID", "someone/personaplex")
+    app.keep_compiled_kernels()
+    assert app.os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/data/torchinductor"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
+    app.keep_compiled_kernels()
+    assert app.os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"  # what the owner set wins
