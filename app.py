@@ -470,14 +470,16 @@ def build_ui(service: Service | RemoteService, limits: Limits, max_sessions: int
         voices_timer.tick(functools.partial(checkpoint_voices, service), inputs=voice, outputs=[voice, voices_timer],
                           show_progress="hidden")
         hide_internal_events(demo)
-    service.when_ready(functools.partial(publish_checkpoint_voices, demo, voice, summary, persona, service))
+    service.when_ready(functools.partial(publish_checkpoint_voices, demo, voice, summary, persona, voices_timer, service))
     return demo
 
 
 def publish_checkpoint_voices(demo: gr.Blocks, voice: gr.Dropdown, summary: gr.HTML, persona: gr.Dropdown,
-                              service: Service) -> None:
-    """Once loaded, the voice list (of pages opened from now on, and of the API) is the checkpoint's.
-    Gradio computes its page config and API description once; both are refreshed here."""
+                              timer: gr.Timer, service: Service) -> None:
+    """Once loaded, the voice list (of pages opened from now on, and of the API) is the checkpoint's,
+    and those pages wait for no list (`timer` off). Gradio computes its page config and API
+    description once; both are refreshed here."""
+    timer.active = False
     names = service.voice_names()
     voice.choices = voice_choices(names)
     if voice.value not in names:
@@ -522,8 +524,9 @@ def checkpoint_voices(service: Service, current: Any):
     if not service.status.ready:
         return gr.skip(), gr.skip()
     voices = service.voice_names()
-    value = current if current in voices or current == CUSTOM_VOICE else voices[0]
-    return gr.update(choices=voice_choices(voices), value=value), gr.Timer(active=False)
+    if current in voices or current == CUSTOM_VOICE:  # (`current` left the page before this tick: the
+        return gr.update(choices=voice_choices(voices)), gr.Timer(active=False)  # person may have chosen since)
+    return gr.update(choices=voice_choices(voices), value=voices[0]), gr.Timer(active=False)
 
 
 def persona_summary(persona: Any, voice: Any) -> str:

@@ -94,7 +94,7 @@ def test_a_conversation_in_the_browser(running_app, files):
             expect(page.locator("#voice_status")).to_contain_text("Tick the consent box to use this clip")
             page.locator("#consent input").check()
             expect(page.locator("#voice_status")).to_contain_text("Custom voice ready", timeout=20_000)
-            expect(page.locator("#voice input")).to_have_value("Custom voice (uploaded)")
+            expect(page.locator("#voice input")).to_have_value("Custom voice (uploaded)", timeout=15_000)
             expect(page.locator("#voice_in_use")).to_contain_text(re.compile("0:0[89]"))  # the 8.6 s clip, as the model hears it
             page.locator("#voice_clip button[aria-label='Clear']").click()
             upload.set_input_files(str(files["notes"]))
@@ -105,7 +105,7 @@ def test_a_conversation_in_the_browser(running_app, files):
                 expect(page.locator("#voice_status")).to_contain_text(message)
                 expect(page.locator("#voice_status")).to_contain_text("The previous custom voice is kept")
                 expect(upload).to_have_count(1)  # the rejected file left the box: it takes a new one
-            expect(page.locator("#voice input")).to_have_value("Custom voice (uploaded)")
+            expect(page.locator("#voice input")).to_have_value("Custom voice (uploaded)", timeout=15_000)
 
             # A role text over the limit: flagged while typing, refused at the start (one click), then fixed.
             role = page.locator("#role textarea")

@@ -42,3 +42,19 @@ def test_on_a_space_with_persistent_storage_compiled_kernels_are_kept_there(monk
     monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", "/elsewhere")
     app.keep_compiled_kernels()
     assert app.os.environ["TORCHINDUCTOR_CACHE_DIR"] == "/elsewhere"  # what the owner set wins
+
+
+def test_a_page_opened_before_the_model_was_ready_gets_its_voices_without_losing_a_choice():
+    """The page's one-off voice tick carries the dropdown's value from when it was sent: a voice
+    the person chose meanwhile (the custom one, say) must not be set back."""
+    from types import SimpleNamespace
+
+    import app
+
+    service = SimpleNamespace(status=SimpleNamespace(ready=True), voice_names=lambda: ["NATF2", "NATM1"])
+    kept, _ = app.checkpoint_voices(service, "NATM1")
+    assert "value" not in kept and ("Custom voice (uploaded)", "Custom voice (uploaded)") in kept["choices"]
+    kept, _ = app.checkpoint_voices(service, app.CUSTOM_VOICE)
+    assert "value" not in kept
+    replaced, timer = app.checkpoint_voices(service, "TESTV0")  # the placeholder list's voice
+    assert replaced["value"] == "NATF2" and timer.active is False

@@ -207,7 +207,7 @@ def test_the_page_in_front_in_a_browser_a_custom_voice_a_call_its_captions_and_i
             page.locator("#consent input").check()
             page.locator("#voice_clip input[type=file]").set_input_files(str(ROOT / "examples" / "voice_sample.wav"))
             expect(page.locator("#voice_status")).to_contain_text("Custom voice ready", timeout=30_000)  # encoded by the cluster
-            expect(page.locator("#voice input")).to_have_value("Custom voice (uploaded)")
+            expect(page.locator("#voice input")).to_have_value("Custom voice (uploaded)", timeout=15_000)
             page.locator(START_TILE).click()  # one click: the microphone, then the call
             button = page.locator(CALL_BUTTON)
             expect(button).to_contain_text("End the call", timeout=20_000)
