@@ -168,8 +168,9 @@ class Engine:
 
     def compile_steps(self, on: bool) -> None:
         """The tick's pieces compiled or eager: Mimi's frame encode and decode, the temporal
-        layers, the text sampling with the depformer. Each piece is one graph for every bucket
-        (`batch_graphs`), compiled at its first tick: `Engine(compile=True)` does that at once."""
+        layers, the text sampling with the depformer. With several slots each piece is one graph
+        for every bucket (`batch_graphs`), compiled at its first tick: `Engine(compile=True)` does
+        that at once."""
         mimi = self.models.mimi
         self.gen.compile_steps(on, self._every_batch)
         self._encode = compile_piece(mimi.encode, self._every_batch) if on else mimi.encode
