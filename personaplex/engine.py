@@ -397,7 +397,10 @@ class Engine:
         assert pcm.shape == (bucket, FRAME_SIZE), f"expected [{bucket}, {FRAME_SIZE}], got {tuple(pcm.shape)}"
         if self._graphs is not None and bucket in self._graphs:
             return self._graphs.run(pcm, bucket)  # type: ignore[return-value]
-        return self._step_bucket(pcm.to(self.device), bucket)
+        pcm = pcm.to(self.device)
+        if not pcm.is_inference():  # (on a CPU, `to` keeps it) the kind the compiled pieces were traced
+            pcm = pcm.clone()  # with: another kind fails their guards, a new graph in the middle of a call
+        return self._step_bucket(pcm, bucket)
 
     @torch.inference_mode()
     def step_host(self, pcm: np.ndarray, bucket: int) -> HostFrame:

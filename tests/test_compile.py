@@ -44,6 +44,8 @@ def session(models, compile: bool) -> tuple[Engine, list[tuple[torch.Tensor, tor
         bucket = 2 << i % 2  # both buckets: the idle slots 2 and 3 step in bucket 4 only
         frame = engine.step(0.1 * torch.randn(bucket, FRAME_SIZE, generator=g), bucket)
         outputs.append((frame.tokens.clone(), frame.pcm.clone()))
+    if compile:  # ticks from tensors made outside inference mode, as the engine thread's: no new graph
+        assert graphs_made() - before == PIECES
     return engine, outputs
 
 
