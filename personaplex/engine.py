@@ -187,23 +187,33 @@ class Engine:
         limit = torch._dynamo.config.recompile_limit  # room for a graph per bucket, should a piece need that
         torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.buckets()) + 2)
         transformer = self.models.lm.transformer
+        asked = transformer.prefix_attention
         failure = self._warm_buckets()
-        if failure is not None and self._every_batch:  # a graph per bucket: a longer start, the same ticks
+        if failure is not None and asked is None:  # the flex kernel may be what failed
+            failure = self._without_flex(failure)
+        if failure is not None and self._every_batch:  # or one graph for every bucket: one per bucket instead
             logger.warning("trying again with one graph per bucket")
             self.every_batch_failed, self._every_batch = failure, False
+            transformer.prefix_attention, self.prefix_attention_failed = asked, None  # flex was not to blame
             self.compile_steps(True)
             failure = self._warm_buckets()
-        if failure is not None and transformer.prefix_attention is None:  # the flex kernel may be what failed
-            logger.warning("trying again with attention over every ring entry")
-            self.prefix_attention_failed = failure
-            transformer.prefix_attention = False
-            transformer.compile_steps(True, self._every_batch)  # the other pieces keep their graphs
-            failure = self._warm_buckets()
+            if failure is not None and asked is None:
+                failure = self._without_flex(failure)
         if failure is not None:  # a slower engine is better than none
             logger.warning("running the engine step eagerly")
             self.compile_failed = failure
             self.compile_steps(False)
         self._reset_all()  # the warm-up stepped every slot: start them afresh
+
+    def _without_flex(self, failure: str) -> str | None:
+        """Compile the layers again with attention over every ring entry (the other pieces keep
+        their graphs) and warm every bucket; what failed then, if anything."""
+        logger.warning("trying again with attention over every ring entry")
+        self.prefix_attention_failed = failure
+        transformer = self.models.lm.transformer
+        transformer.prefix_attention = False
+        transformer.compile_steps(True, self._every_batch)
+        return self._warm_buckets()
 
     def _warm_buckets(self) -> str | None:
         """Step every bucket once, the largest first (its call compiles what is compiled for
