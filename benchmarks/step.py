@@ -141,17 +141,16 @@ def attended(engine: Engine, bucket: int) -> int:
 
 def profile_tick(engine: Engine, n: int) -> dict:
     """One tick without its graph under the CUDA profiler: its kernels, their time, the top ones."""
-    graphs, engine._graphs = engine._graphs, None
     bucket = engine.bucket_for(n)
     pcm = 0.1 * torch.randn(bucket, FRAME_SIZE)
-    for _ in range(3):
-        engine.step(pcm, bucket)
-    sync(engine.device)
     activities = [torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA]
-    with torch.profiler.profile(activities=activities) as prof:
-        engine.step(pcm, bucket)
+    with engine.without_graphs():
+        for _ in range(3):
+            engine.step(pcm, bucket)
         sync(engine.device)
-    engine._graphs = graphs
+        with torch.profiler.profile(activities=activities) as prof:
+            engine.step(pcm, bucket)
+            sync(engine.device)
     kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
     by_name: dict[str, float] = {}
     for k in kernels:
@@ -230,9 +229,8 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
             for n in sessions:  # both on full rings: the same work, only the launches differ
                 result["graphed_full_rows"].append(tick_row(engine, n, eager, None))
                 out.emit("tick_with_graphs_full_rings", **result["graphed_full_rows"][-1])
-                graphs, engine._graphs = engine._graphs, None
-                result["eager_rows"].append(tick_row(engine, n, eager, None))
-                engine._graphs = graphs
+                with engine.without_graphs():
+                    result["eager_rows"].append(tick_row(engine, n, eager, None))
                 out.emit("tick_without_graphs", **result["eager_rows"][-1])
         if args.profile and device.type == "cuda":
             result["profile"] = {}
@@ -343,15 +341,11 @@ def main(argv: list[str] | None = None) -> None:
                    help="compiled attention over every ring entry, masked, instead of what each slot holds")
     p.add_argument("--no-pinning", action="store_true", help="the plain ring, the personas not kept (as the reference)")
     args = p.parse_args(argv)
-    rows = Rows(args.rows)
-    try:
-        with torch.inference_mode():
-            if args.count_ops:
-                result, text = count_ops(args), render_ops
-            else:
-                result, text = run(args, rows), render
-    finally:
-        rows.close()
+    with torch.inference_mode(), Rows(args.rows) as rows:
+        if args.count_ops:
+            result, text = count_ops(args), render_ops
+        else:
+            result, text = run(args, rows), render
     sys.stdout.write((json.dumps(result) if args.json else text(result)) + "\n")
     if result.get("cuda_graphs_failed") and not args.allow_eager:
         sys.stderr.write(f"CUDA graph capture failed ({result['cuda_graphs_failed']}): these are eager figures; "

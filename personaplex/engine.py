@@ -351,6 +351,15 @@ class Engine:
         self._parked.add(slot)
 
     @contextmanager
+    def without_graphs(self) -> Iterator[None]:
+        """Within the block the step runs without its CUDA graphs (to measure what they save)."""
+        graphs, self._graphs = self._graphs, None
+        try:
+            yield
+        finally:
+            self._graphs = graphs
+
+    @contextmanager
     def full_windows(self) -> Iterator[None]:
         """Within the block every slot's attention window is full, as after four minutes of
         talk: the worst case of a tick's attention, for a warm-up to measure. Afterwards every
@@ -408,8 +417,8 @@ class Engine:
         if self._graphs is not None and bucket in self._graphs:
             return self._graphs.run(pcm, bucket)  # type: ignore[return-value]
         pcm = pcm.to(self.device)
-        if not pcm.is_inference():  # (on a CPU, `to` keeps it) the kind the compiled pieces were traced
-            pcm = pcm.clone()  # with: another kind fails their guards, a new graph in the middle of a call
+        if self.compiled and not pcm.is_inference():  # (on a CPU, `to` keeps it) the kind the compiled pieces
+            pcm = pcm.clone()  # were traced with: another kind fails their guards, a new graph mid-call
         return self._step_bucket(pcm, bucket)
 
     @torch.inference_mode()

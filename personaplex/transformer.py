@@ -297,9 +297,10 @@ class Transformer(StreamingModule):
 
     def compile_steps(self, on: bool = True, every_batch: bool = False) -> None:
         """Run the layers of one-step streaming calls (the live tick) through `torch.compile`:
-        one graph (for every batch size with `every_batch`, see `batch_graphs`), shared by every layer (their weights are its inputs), whose
-        attention reads only each slot's filled ring entries (see `prefix_attention`). Prompts
-        and voice encodings (many steps at once, of any length) stay eager."""
+        one graph (for every batch size with `every_batch`, see `batch_graphs`), shared by every
+        layer (their weights are its inputs), whose attention reads only each slot's filled ring
+        entries (see `prefix_attention`). Prompts and voice encodings (many steps at once, of any
+        length) stay eager."""
         self._compiled_step = compile_piece(_run_layer, every_batch) if on else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
