@@ -41,14 +41,15 @@ from gradio.utils import get_upload_folder as gradio_upload_folder
 from starlette.middleware import Middleware
 from starlette.routing import WebSocketRoute
 
-from personaplex import api_chat, inputs
-from personaplex.audio import AudioError, HalfRate, float_to_int16, int16_to_float, read_audio, wav_bytes
-from personaplex.config import SAMPLE_RATE
 from personaplex.errors import SettingsError, UserError
-from personaplex.health import CallView
-from personaplex.remote import RemoteService
-from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams
-from personaplex.service import (
+from personaplex.model.config import SAMPLE_RATE
+from personaplex.model.sampling import MAX_TOP_K, SEED_MAX, SamplingParams
+from personaplex.runtime.audio import AudioError, HalfRate, float_to_int16, int16_to_float, read_audio, wav_bytes
+from personaplex.runtime.session import REALTIME, Limits, Phase, Session
+from personaplex.runtime.transcript import clock_text
+from personaplex.serve import api_chat, inputs
+from personaplex.serve.remote import RemoteService
+from personaplex.serve.service import (
     CUSTOM_VOICE_SECONDS,
     MAX_ROLE_CHARS,
     Service,
@@ -57,12 +58,11 @@ from personaplex.service import (
     offline_runs,
     on_the_tiny_model,
 )
-from personaplex.session import REALTIME, Limits, Phase, Session
-from personaplex.transcript import clock_text
 from web import call_page
 from web.call_page import CAPTION_TURNS, MESSAGE_TYPE, CallFigures, CallPage, idle_html
 from web.connections import MAX_OPENING, CallConnections
 from web.gradio_queue import explain_refusals, forget_finished_events, quiet_component_server, short_reason
+from web.health import CallView
 from web.limits import Limits as RequestSizes
 from web.limits import RequestLimits
 

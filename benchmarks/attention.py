@@ -25,9 +25,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from personaplex.config import PERSONAPLEX_7B
-from personaplex.prefix_attention import prefix_attention, prefix_mask
-from personaplex.transformer import pinned_attention
+from personaplex.model.attention import prefix_attention, prefix_mask
+from personaplex.model.config import PERSONAPLEX_7B
+from personaplex.model.transformer import pinned_attention
 
 from .rows import Rows
 

@@ -32,11 +32,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from personaplex.audio import read_audio, write_wav
-from personaplex.config import FRAME_SIZE, SAMPLE_RATE
-from personaplex.sampling import SamplingParams
-from personaplex.service import Service, Settings
-from personaplex.session import Session
+from personaplex.model.config import FRAME_SIZE, SAMPLE_RATE
+from personaplex.model.sampling import SamplingParams
+from personaplex.runtime.audio import read_audio, write_wav
+from personaplex.runtime.session import Session
+from personaplex.serve.service import Service, Settings
 
 from .rows import Rows
 

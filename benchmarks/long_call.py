@@ -39,14 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from personaplex.audio import read_audio, write_wav
-from personaplex.config import FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, load_config
-from personaplex.engine import Engine
-from personaplex.loading import load_models, resolve_checkpoint
-from personaplex.offline import Conversation, converse
-from personaplex.sampling import SamplingParams
-from personaplex.text import caption_text, piece_label
-from personaplex.transcript import clock_text
+from personaplex.model.config import FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, load_config
+from personaplex.model.loading import load_models, resolve_checkpoint
+from personaplex.model.sampling import SamplingParams
+from personaplex.model.text import caption_text, piece_label
+from personaplex.runtime.audio import read_audio, write_wav
+from personaplex.runtime.engine import Engine
+from personaplex.runtime.transcript import clock_text
+from personaplex.serve.offline import Conversation, converse
 
 from .rows import Rows
 

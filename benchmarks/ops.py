@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from personaplex.config import FRAME_SIZE, PERSONAPLEX_7B, ModelConfig
+from personaplex.model.config import FRAME_SIZE, PERSONAPLEX_7B, ModelConfig
 
 NO_KERNEL = {  # views, no-ops, allocations, metadata
     "view", "_unsafe_view", "_reshape_alias", "as_strided", "alias", "select", "slice", "narrow", "transpose", "t",

@@ -22,14 +22,14 @@ import time
 
 import torch
 
-from personaplex.capacity import slot_bytes, suggest_slots
-from personaplex.config import FRAME_SIZE, PRESETS, ModelConfig
-from personaplex.engine import Engine
-from personaplex.lm import LMModel
-from personaplex.loading import Models
-from personaplex.mimi import Mimi
-from personaplex.persona import VoicePrompt, build_prompt
-from personaplex.sampling import SamplingParams
+from personaplex.model.config import FRAME_SIZE, PRESETS, ModelConfig
+from personaplex.model.lm import LMModel
+from personaplex.model.loading import Models
+from personaplex.model.mimi import Mimi
+from personaplex.model.persona import VoicePrompt, build_prompt
+from personaplex.model.sampling import SamplingParams
+from personaplex.runtime.capacity import slot_bytes, suggest_slots
+from personaplex.runtime.engine import Engine
 
 from .rows import Rows
 

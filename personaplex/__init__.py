@@ -1,40 +1,12 @@
-"""PersonaPlex-7B in PyTorch: the release weights, streaming Mimi + LM, a batched engine.
+"""PersonaPlex-7B in PyTorch: the release weights, streaming Mimi and LM, a batched engine, its servers.
 
-The public API; each name lives in the module named in the comment.
+Three wings, each importing only the ones below it:
+  * `personaplex.model`: the model as math and its loading (config, Mimi, the LM, generation,
+    sampling, personas); nothing there knows about compiling, threads or calls;
+  * `personaplex.runtime`: what batches and times the model (the engine and its graphs, the
+    engine thread, a call's port and session, recordings, capacity);
+  * `personaplex.serve`: what the outside world calls (the service and its torch-free contract,
+    `/api/chat`, the remote service, the Ray Serve cluster, the offline CLI).
+`personaplex.errors` is the ground floor of all three. Nothing is imported here: a page in front
+of a cluster imports the contract without torch.
 """
-
-from .config import PERSONAPLEX_7B, PRESETS, TINY, ModelConfig, load_config  # config
-from .engine import Engine, Frame  # engine
-from .errors import SettingsError, UserError  # errors
-from .loading import CheckpointError, Models, load_models, resolve_checkpoint  # loading
-from .persona import PromptError, VoicePrompt  # persona
-from .sampling import SamplingParams  # sampling
-from .session import OFFLINE, REALTIME, Ending, Limits, Output, Session  # session
-from .worker import Busy, EngineWorker  # worker
-
-__all__ = [
-    "OFFLINE",
-    "PERSONAPLEX_7B",
-    "PRESETS",
-    "REALTIME",
-    "TINY",
-    "Busy",
-    "CheckpointError",
-    "Ending",
-    "Engine",
-    "EngineWorker",
-    "Frame",
-    "Limits",
-    "ModelConfig",
-    "Models",
-    "Output",
-    "PromptError",
-    "SamplingParams",
-    "Session",
-    "SettingsError",
-    "UserError",
-    "VoicePrompt",
-    "load_config",
-    "load_models",
-    "resolve_checkpoint",
-]

@@ -8,8 +8,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaplex.config import TINY
-from personaplex.loading import Models, load_models, resolve_checkpoint
+from personaplex.model.config import TINY
+from personaplex.model.loading import Models, load_models, resolve_checkpoint
 
 from .helpers import CHECKPOINT, ROOT, TINY_DIR, RunningApp, load_client
 
@@ -37,7 +37,7 @@ def _no_leftover_streaming(request: pytest.FixtureRequest):
     """Engines put the shared tiny models in streaming mode; leave them as found."""
     yield
     if "models" in request.fixturenames:
-        from personaplex.streaming import disable_streaming
+        from personaplex.model.streaming import disable_streaming
 
         loaded = request.getfixturevalue("models")
         disable_streaming(loaded.mimi)

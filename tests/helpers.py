@@ -55,7 +55,7 @@ def noise_pcm(frames: int, seed: int = 0):
     """A gliding tone with noise, float32 [frames * 1920]: audio that moves every code."""
     import torch
 
-    from personaplex.config import FRAME_SIZE
+    from personaplex.model.config import FRAME_SIZE
 
     g = torch.Generator().manual_seed(seed)
     t = torch.arange(frames * FRAME_SIZE) / 24000
@@ -65,7 +65,7 @@ def noise_pcm(frames: int, seed: int = 0):
 
 def user_audio(frames: int, seed: int):
     """`noise_pcm` as a list of [1920] frames."""
-    from personaplex.config import FRAME_SIZE
+    from personaplex.model.config import FRAME_SIZE
 
     pcm = noise_pcm(frames, seed)
     return [pcm[i * FRAME_SIZE : (i + 1) * FRAME_SIZE] for i in range(frames)]
@@ -96,7 +96,7 @@ def copy_checkpoint(dst: Path, skip: tuple[str, ...] = ()) -> Path:
 
 def start_tiny_service(max_sessions: int = 2):
     """A `Service` on the tiny golden checkpoint (CPU), loaded and ready."""
-    from personaplex.service import Service, Settings
+    from personaplex.serve.service import Service, Settings
 
     service = Service(Settings(checkpoint=str(CHECKPOINT), config=str(TINY_CONFIG), device="cpu", max_sessions=max_sessions))
     service.start()

@@ -18,13 +18,13 @@ from starlette.applications import Starlette
 from starlette.routing import WebSocketRoute
 
 from examples.chat_client import CHUNK, RATE, talk
-from personaplex.api_chat import AUDIO, ERROR, HANDSHAKE, PATH, ChatDoor, chat_settings
-from personaplex.config import DEFAULT_TEXT_PROMPT
 from personaplex.errors import SettingsError
-from personaplex.port import Port
-from personaplex.sampling import SamplingParams
-from personaplex.service import Service, Settings
-from personaplex.session import REALTIME, Limits
+from personaplex.model.config import DEFAULT_TEXT_PROMPT
+from personaplex.model.sampling import SamplingParams
+from personaplex.runtime.port import Port
+from personaplex.runtime.session import REALTIME, Limits
+from personaplex.serve.api_chat import AUDIO, ERROR, HANDSHAKE, PATH, ChatDoor, chat_settings
+from personaplex.serve.service import Service, Settings
 
 from .helpers import ROOT, free_port, start_tiny_service
 

@@ -8,7 +8,7 @@ import wave
 
 import pytest
 
-from personaplex.audio import read_audio
+from personaplex.runtime.audio import read_audio
 
 from .helpers import ROOT
 

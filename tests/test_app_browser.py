@@ -13,7 +13,7 @@ import wave
 
 import pytest
 
-from personaplex.audio import write_wav
+from personaplex.runtime.audio import write_wav
 
 from .helpers import CALL_BUTTON, CHROMIUM, ROOT, START_TILE, browser, choose, tone
 
@@ -49,7 +49,7 @@ def files(tmp_path):
     mic = tmp_path / "mic.wav"
     import soxr
 
-    from personaplex.audio import read_audio
+    from personaplex.runtime.audio import read_audio
 
     write_wav(mic, soxr.resample(read_audio(ROOT / "examples" / "user_question.wav"), 24000, 48000), 48000)
     notes = tmp_path / "notes.txt"  # the browser refuses it

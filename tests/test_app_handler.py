@@ -15,8 +15,8 @@ import pytest
 from fastrtc.utils import Context, current_context
 
 import app
-from personaplex.config import SAMPLE_RATE
-from personaplex.session import REALTIME, Limits
+from personaplex.model.config import SAMPLE_RATE
+from personaplex.runtime.session import REALTIME, Limits
 from web import call_page
 
 from .helpers import ROOT, start_tiny_service
@@ -258,7 +258,7 @@ def test_a_call_that_fails_on_the_engine_says_so(service, monkeypatch):
 
 
 def test_the_offline_tab_returns_the_models_side_a_stereo_mix_and_the_text(service, tmp_path):
-    from personaplex.audio import read_audio
+    from personaplex.runtime.audio import read_audio
 
     user = ROOT / "examples" / "user_question.wav"
     seen = []
@@ -284,7 +284,7 @@ def test_the_offline_tab_returns_the_models_side_a_stereo_mix_and_the_text(servi
 
 
 def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(service, tmp_path, monkeypatch):
-    from personaplex.audio import read_audio, write_wav
+    from personaplex.runtime.audio import read_audio, write_wav
 
     from .helpers import tone
 
@@ -317,7 +317,7 @@ def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(
     assert app.show_upload("refused")[1]["value"] is None  # the box is cleared: it takes a new clip
     refused = app.upload_voice(service, str(good), ["yes"], ready.key, ready.heard, "page-1")
     assert "the consent box must be true or false" in refused.message and refused.key == ready.key
-    monkeypatch.setattr("personaplex.service.MAX_UPLOAD_BYTES", 1000)
+    monkeypatch.setattr("personaplex.serve.service.MAX_UPLOAD_BYTES", 1000)
     refused = app.upload_voice(service, str(good), True, ready.key, ready.heard, "page-1")
     assert "larger than" in refused.message and refused.key == ready.key
 
@@ -327,7 +327,7 @@ def test_a_voice_preview_is_the_model_greeting_on_silence_made_once(service):
     assert path.exists()
     mtime = path.stat().st_mtime
     assert app.preview_voice(service, "TESTV0") == str(path) and path.stat().st_mtime == mtime  # cached
-    from personaplex.audio import read_audio
+    from personaplex.runtime.audio import read_audio
 
     assert read_audio(path).size == 4 * SAMPLE_RATE
     with pytest.raises(app.gr.Error, match="unknown voice 'NATF9'"):
@@ -341,7 +341,7 @@ def test_voice_labels_say_what_the_release_names_mean():
 
 
 def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
-    from personaplex.service import EngineFigures
+    from personaplex.serve.service import EngineFigures
 
     assert "Ready**: on cpu for 2 conversations at once" in app.status_markdown(service)  # idle: the warm-up's figure
     for figures, expected, dot in [
@@ -367,7 +367,7 @@ def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
 
 
 def test_live_captions_are_escaped_and_show_the_end_of_a_long_turn():
-    from personaplex.transcript import Transcript
+    from personaplex.runtime.transcript import Transcript
 
     t = Transcript()
     for i in range(3000):  # a monologue of 4 minutes without a pause

@@ -11,7 +11,7 @@ import httpx
 import pytest
 
 import app
-from personaplex.session import REALTIME
+from personaplex.runtime.session import REALTIME
 from web.gradio_queue import explain_refusals, forget_finished_events
 
 from .helpers import free_port, start_tiny_service

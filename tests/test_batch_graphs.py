@@ -7,10 +7,10 @@ from __future__ import annotations
 
 import torch
 
-from personaplex.batch_graphs import mark_slots
-from personaplex.prefix_attention import prefix_mask
-from personaplex.streaming import streaming
-from personaplex.transformer import AttentionPlan, Transformer
+from personaplex.model.attention import prefix_mask
+from personaplex.model.streaming import streaming
+from personaplex.model.transformer import AttentionPlan, Transformer
+from personaplex.runtime.batch_graphs import mark_slots
 
 
 def marked(tensor: torch.Tensor) -> bool:

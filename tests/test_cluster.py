@@ -190,7 +190,7 @@ def test_the_page_in_front_in_a_browser_a_custom_voice_a_call_its_captions_and_i
     import soxr
     from playwright.sync_api import expect, sync_playwright
 
-    from personaplex.audio import read_audio, write_wav
+    from personaplex.runtime.audio import read_audio, write_wav
 
     mic = tmp_path / "mic.wav"
     write_wav(mic, soxr.resample(read_audio(ROOT / "examples" / "user_question.wav"), 24000, 48000), 48000)
@@ -268,14 +268,14 @@ def test_the_page_in_front_holds_a_webrtc_call_with_real_speech_and_says_when_th
 def test_the_sample_configs_are_what_the_builder_takes():
     import yaml
 
-    from personaplex.cluster import ClusterConfig, build_app
+    from personaplex.serve.cluster import ClusterConfig, build_app
 
     serve_yaml = yaml.safe_load((ROOT / "deploy" / "serve.yaml").read_text())
     kuberay = yaml.safe_load((ROOT / "deploy" / "rayservice.yaml").read_text())
     embedded = yaml.safe_load(kuberay["spec"]["serveConfigV2"])
     for config in (serve_yaml, embedded):
         (application,) = config["applications"]
-        assert application["import_path"] == "personaplex.cluster:build_app"
+        assert application["import_path"] == "personaplex.serve.cluster:build_app"
         settings = ClusterConfig.from_args(application["args"])
         assert settings.device == "cuda" and settings.max_replicas == 8 and settings.target_calls == 24.0
         build_app(application["args"])  # the application and its deployments, as Serve builds them

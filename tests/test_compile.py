@@ -11,11 +11,12 @@ import pytest
 import torch
 
 from benchmarks.ops import count_tick, kernel_profile
-from personaplex import batch_graphs, generate
-from personaplex import transformer as transformer_module
-from personaplex.config import FRAME_SIZE
-from personaplex.engine import Engine
-from personaplex.sampling import SamplingParams
+from personaplex.model import generate
+from personaplex.model import transformer as transformer_module
+from personaplex.model.config import FRAME_SIZE
+from personaplex.model.sampling import SamplingParams
+from personaplex.runtime import batch_graphs
+from personaplex.runtime.engine import Engine
 
 ROLE = "You enjoy having a good conversation."
 STEPS = 24

@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from personaplex.config import PERSONAPLEX_7B, TINY, ConfigError, config_from_reference_dict, load_config
-from personaplex.lm import LMModel
-from personaplex.mimi import Mimi
+from personaplex.model.config import PERSONAPLEX_7B, TINY, ConfigError, config_from_reference_dict, load_config
+from personaplex.model.lm import LMModel
+from personaplex.model.mimi import Mimi
 
 from .helpers import FIXTURES, TINY_CONFIG
 

@@ -5,11 +5,11 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex.config import FRAME_SIZE
-from personaplex.engine import Engine
-from personaplex.sampling import SamplingParams
-from personaplex.streaming import streaming
-from personaplex.text import encode_role, piece_text
+from personaplex.model.config import FRAME_SIZE
+from personaplex.model.sampling import SamplingParams
+from personaplex.model.streaming import streaming
+from personaplex.model.text import encode_role, piece_text
+from personaplex.runtime.engine import Engine
 
 from .helpers import CHECKPOINT
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex.config import TINY
-from personaplex.engine import Engine
-from personaplex.loading import load_models, resolve_checkpoint
-from personaplex.sampling import SamplingParams
+from personaplex.model.config import TINY
+from personaplex.model.loading import load_models, resolve_checkpoint
+from personaplex.model.sampling import SamplingParams
+from personaplex.runtime.engine import Engine
 
 from .helpers import CHECKPOINT, user_audio
 
@@ -52,7 +52,7 @@ def test_7b_heads_in_bf16_graphed_equal_eager_in_any_bucket_order(compile):
     import numpy as np
 
     from benchmarks.step import persona, random_models
-    from personaplex.config import FRAME_SIZE, PERSONAPLEX_7B
+    from personaplex.model.config import FRAME_SIZE, PERSONAPLEX_7B
 
     lm = dataclasses.replace(PERSONAPLEX_7B.lm, num_layers=2, depformer_num_layers=2)
     config = dataclasses.replace(PERSONAPLEX_7B, lm=lm)
@@ -85,7 +85,7 @@ def test_the_prefix_route_compiled_and_graphed_equals_masked_attention_with_7b_h
     pinned) inside a CUDA graph, replayed as the slots' rings fill, equals the masked path of
     the same bf16 inputs (to bf16 rounding): 32 heads of 128 over a 3,000-entry ring."""
     from benchmarks.attention import masked
-    from personaplex.prefix_attention import prefix_attention, prefix_mask
+    from personaplex.model.attention import prefix_attention, prefix_mask
 
     B, H, C, D = 8, 32, 3000, 128
     g = torch.Generator(device="cuda").manual_seed(0)

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from personaplex.health import BEHIND_TICK_MS, Activity, Memory, Verdict, Watch, memory
-from personaplex.session import SessionStats
-from personaplex.transcript import FRAME_S, SILENT_DB
+from personaplex.model.config import FRAME_S
+from personaplex.runtime.audio import SILENT_DB
+from personaplex.runtime.session import SessionStats
+from web.health import BEHIND_TICK_MS, Activity, Memory, Verdict, Watch, memory
 
 
 def test_a_speaker_stays_speaking_through_short_pauses_and_stops_after_the_hold():
@@ -48,8 +49,8 @@ def test_the_verdict_follows_drops_and_the_tick_over_the_last_window():
 def test_a_call_view_follows_the_frames_the_session_hands_out():
     import numpy as np
 
-    from personaplex.health import CallView
-    from personaplex.session import Output
+    from personaplex.runtime.session import Output
+    from web.health import CallView
 
     loud, silent = np.full(1920, 0.1, dtype=np.float32), np.zeros(1920, dtype=np.float32)
     view = CallView(max_turns=10)

@@ -10,12 +10,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaplex.config import FRAME_SIZE
-from personaplex.engine import Engine
-from personaplex.lm import LMModel
-from personaplex.loading import load_strict
-from personaplex.sampling import SamplingParams
-from personaplex.streaming import reset_slots, slot_mask, streaming
+from personaplex.model.config import FRAME_SIZE
+from personaplex.model.lm import LMModel
+from personaplex.model.loading import load_strict
+from personaplex.model.sampling import SamplingParams
+from personaplex.model.streaming import reset_slots, slot_mask, streaming
+from personaplex.runtime.engine import Engine
 
 from .helpers import CHECKPOINT, noise_pcm, user_audio
 
@@ -76,7 +76,7 @@ def test_mimi_reset_slot_is_a_fresh_stream_and_leaves_other_slots_alone(models):
 
 def small_context_lm(context: int) -> LMModel:
     """The golden weights in a model whose attention window is only `context` steps."""
-    from personaplex.config import TINY
+    from personaplex.model.config import TINY
 
     with torch.device("meta"):
         lm = LMModel(dataclasses.replace(TINY.lm, context=context))
@@ -223,7 +223,7 @@ def test_graph_plumbing_gives_what_the_plain_step_gives(models):
 
 
 def test_a_failed_graph_capture_falls_back_to_plain_steps(models, monkeypatch):
-    from personaplex import graphs
+    from personaplex.runtime import graphs
 
     def broken(self, buckets):
         raise RuntimeError("operation not permitted when stream is capturing")
@@ -298,9 +298,9 @@ def test_a_conversation_moved_to_another_slot_goes_on_as_if_it_had_stayed(models
 
 @torch.inference_mode()
 def test_a_voice_encoded_in_pieces_has_the_whole_clips_codes(models):
-    from personaplex.audio import normalize_loudness, read_audio
-    from personaplex.persona import voice_frames
-    from personaplex.streaming import detached
+    from personaplex.model.persona import voice_frames
+    from personaplex.model.streaming import detached
+    from personaplex.runtime.audio import normalize_loudness, read_audio
 
     from .helpers import ROOT
 

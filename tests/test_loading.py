@@ -16,8 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from personaplex.config import TINY
-from personaplex.loading import (
+from personaplex.model.config import TINY
+from personaplex.model.loading import (
     LM_FILE,
     MIMI_FILE,
     TOKENIZER_FILE,
@@ -214,7 +214,7 @@ def hub_download_message(tmp_path: Path, endpoint: str, token: str | None, **ext
     env.update(HF_ENDPOINT=endpoint, HF_HOME=str(tmp_path / "hf"), PYTHONPATH=str(ROOT), **extra)
     if token:
         env["HF_TOKEN"] = token
-    code = "from personaplex.loading import hub_file; hub_file('nvidia/personaplex-7b-v1', 'model.safetensors')"
+    code = "from personaplex.model.loading import hub_file; hub_file('nvidia/personaplex-7b-v1', 'model.safetensors')"
     run = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode != 0
     return run.stderr.strip().splitlines()[-1]
@@ -240,7 +240,7 @@ def fake_hub():
 def test_hub_errors_say_what_to_do(tmp_path, fake_hub, error_code, token, message):
     _FakeHub.error_code = error_code
     line = hub_download_message(tmp_path, f"http://127.0.0.1:{fake_hub.server_port}", token)
-    assert line.startswith("personaplex.loading.CheckpointError")
+    assert line.startswith("personaplex.model.loading.CheckpointError")
     assert __import__("re").search(message, line), line
 
 

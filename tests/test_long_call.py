@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 from benchmarks import long_call
-from personaplex.audio import read_audio
-from personaplex.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from personaplex.model.config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
+from personaplex.runtime.audio import read_audio
 
 from .helpers import CHECKPOINT, TINY_CONFIG
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from personaplex.audio import read_audio, write_wav
-from personaplex.offline import main
+from personaplex.runtime.audio import read_audio, write_wav
+from personaplex.serve.offline import main
 
 from .helpers import CHECKPOINT, SHARED, TINY_CONFIG, TINY_DIR, encode_audio_file, tone
 

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex.config import SILENCE_TOKENS, SINE_TOKENS, TEXT_PAD_ID, TINY
-from personaplex.persona import PromptError, VoicePrompt, build_prompt
-from personaplex.text import encode_role, piece_label, wrap_with_system_tags
+from personaplex.model.config import SILENCE_TOKENS, SINE_TOKENS, TEXT_PAD_ID, TINY
+from personaplex.model.persona import PromptError, VoicePrompt, build_prompt
+from personaplex.model.text import encode_role, piece_label, wrap_with_system_tags
 
 
 def test_prompt_frames_are_voice_silence_text_silence():

@@ -11,11 +11,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from personaplex.engine import Engine
-from personaplex.lm import LMModel
-from personaplex.sampling import SamplingParams
-from personaplex.streaming import streaming
-from personaplex.transformer import OffsetState
+from personaplex.model.lm import LMModel
+from personaplex.model.sampling import SamplingParams
+from personaplex.model.streaming import streaming
+from personaplex.model.transformer import OffsetState
+from personaplex.runtime.engine import Engine
 
 from .test_invariants import random_tokens, small_context_lm
 

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from benchmarks.attention import masked
-from personaplex.config import FRAME_SIZE
-from personaplex.engine import Engine
-from personaplex.prefix_attention import BLOCK, prefix_attention, prefix_mask
-from personaplex.sampling import SamplingParams
-from personaplex.streaming import reset_slots, streaming
+from personaplex.model.attention import BLOCK, prefix_attention, prefix_mask
+from personaplex.model.config import FRAME_SIZE
+from personaplex.model.sampling import SamplingParams
+from personaplex.model.streaming import reset_slots, streaming
+from personaplex.runtime.engine import Engine
 
 from .test_invariants import random_tokens, small_context_lm
 

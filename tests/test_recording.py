@@ -9,8 +9,8 @@ import wave
 
 import numpy as np
 
-from personaplex.config import FRAME_SIZE
-from personaplex.recording import CallRecording, FileStore
+from personaplex.model.config import FRAME_SIZE
+from personaplex.runtime.recording import CallRecording, FileStore
 
 FRAME = np.full(FRAME_SIZE, 0.25, dtype=np.float32)
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from personaplex.errors import SettingsError
-from personaplex.sampling import MAX_TOP_K, SEED_MAX, SamplingParams, race_noise, sample_tokens, stream_keys
+from personaplex.model.sampling import MAX_TOP_K, SEED_MAX, SamplingParams, race_noise, sample_tokens, stream_keys
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 

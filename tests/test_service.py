@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex import service as service_module
-from personaplex.loading import CheckpointError
-from personaplex.service import Service, Settings, State
+from personaplex.model.loading import CheckpointError
+from personaplex.serve import service as service_module
+from personaplex.serve.service import Service, Settings, State
 
 from .helpers import CHECKPOINT, TINY_CONFIG
 
@@ -60,8 +60,8 @@ def test_the_tiny_model_comes_up_ready():
 
 
 def test_a_voice_stored_as_audio_is_encoded_on_the_engine_thread(tmp_path):
-    from personaplex.sampling import SamplingParams
-    from personaplex.session import Phase, Session
+    from personaplex.model.sampling import SamplingParams
+    from personaplex.runtime.session import Phase, Session
 
     from .helpers import copy_checkpoint
 
@@ -90,8 +90,8 @@ def test_a_voice_stored_as_audio_is_encoded_on_the_engine_thread(tmp_path):
 
 
 def test_by_default_it_takes_no_more_calls_than_one_tick_serves_in_time(monkeypatch):
-    from personaplex.session import Session
-    from personaplex.worker import Busy
+    from personaplex.runtime.session import Session
+    from personaplex.runtime.worker import Busy
 
     monkeypatch.setattr(service_module, "MAX_TICK_MS", 1e-6)  # every bucket too slow: down to one call
     svc = Service(Settings(checkpoint=str(CHECKPOINT), config=str(TINY_CONFIG), device="cpu"))
@@ -113,8 +113,8 @@ def test_offline_runs_take_a_share_of_the_slots_and_say_when_they_wait():
 
     import numpy as np
 
-    from personaplex.sampling import SamplingParams
-    from personaplex.session import Session
+    from personaplex.model.sampling import SamplingParams
+    from personaplex.runtime.session import Session
 
     from .helpers import noise_pcm, start_tiny_service
 
@@ -160,7 +160,7 @@ def test_a_custom_voice_is_its_uploaders_alone():
 
 
 def test_without_a_gpu_and_no_model_named_the_page_runs_the_tiny_model(tmp_path):
-    from personaplex.service import on_the_tiny_model
+    from personaplex.serve.service import on_the_tiny_model
 
     from .helpers import CHECKPOINT
 

@@ -10,10 +10,10 @@ import wave
 import numpy as np
 import pytest
 
-from personaplex.config import FRAME_SIZE
-from personaplex.framing import TickGrid
-from personaplex.recording import CallRecording
-from personaplex.session import OFFLINE, REALTIME, Limits, Phase, Session
+from personaplex.model.config import FRAME_SIZE
+from personaplex.runtime.framing import TickGrid
+from personaplex.runtime.recording import CallRecording
+from personaplex.runtime.session import OFFLINE, REALTIME, Limits, Phase, Session
 
 FRAME_S = 0.08
 
@@ -244,7 +244,7 @@ def test_the_tick_grid():
 @pytest.mark.parametrize("phase_s", [0.0, 0.02, 0.04, 0.06])
 @pytest.mark.parametrize("chunk", [480, 960])  # 20 ms packets, and 40 ms chunks
 def test_the_framing_shifts_once_so_frames_end_just_before_the_ticks_keeping_every_sample(phase_s, chunk):
-    from personaplex.framing import ALIGN_LEAD_S
+    from personaplex.runtime.framing import ALIGN_LEAD_S
 
     clock, worker = Clock(), FakeWorker()  # ticks at k * 80 ms
     session = Session(REALTIME, clock=clock)

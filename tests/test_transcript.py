@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from personaplex.transcript import FRAME_S, MIN_USER_TURN_S, SILENT_DB, Transcript, clock_text, level_db
+from personaplex.model.config import FRAME_S
+from personaplex.runtime.audio import SILENT_DB, level_db
+from personaplex.runtime.transcript import MIN_USER_TURN_S, Transcript, clock_text
 
 LOUD, QUIET = -20.0, -70.0
 

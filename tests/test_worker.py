@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from personaplex.config import FRAME_SIZE
-from personaplex.engine import Engine
-from personaplex.sampling import SamplingParams
-from personaplex.session import OFFLINE, REALTIME, Limits, Phase, Session
-from personaplex.worker import Busy, EngineWorker
+from personaplex.model.config import FRAME_SIZE
+from personaplex.model.sampling import SamplingParams
+from personaplex.runtime.engine import Engine
+from personaplex.runtime.session import OFFLINE, REALTIME, Limits, Phase, Session
+from personaplex.runtime.worker import Busy, EngineWorker
 
 from .helpers import user_audio
 
@@ -145,7 +145,7 @@ def test_a_vanished_client_frees_its_slot(worker):
 
 
 def test_a_bad_prompt_is_refused_before_it_takes_a_slot(worker):
-    from personaplex.persona import PromptError
+    from personaplex.model.persona import PromptError
 
     empty = persona(worker.engine, "")
     empty = type(empty)(tokens=empty.tokens[:, :0])  # a prompt without frames cannot start
@@ -228,7 +228,7 @@ def test_a_long_job_runs_in_pieces_between_the_ticks_of_a_live_call(worker):
 
 
 def test_a_joining_call_goes_ahead_of_a_voice_being_encoded(worker):
-    from personaplex.audio import normalize_loudness, read_audio
+    from personaplex.runtime.audio import normalize_loudness, read_audio
 
     from .helpers import ROOT
 
@@ -262,8 +262,8 @@ def test_a_lone_call_in_a_high_slot_moves_down_and_goes_on_unchanged(models, wor
 
 
 def test_the_ticks_move_to_a_call_that_is_alone_and_stay_for_the_next(worker):
-    from personaplex.framing import ALIGN_LEAD_S
-    from personaplex.worker import GRID_FIT_MARGIN_S
+    from personaplex.runtime.framing import ALIGN_LEAD_S
+    from personaplex.runtime.worker import GRID_FIT_MARGIN_S
 
     first, second = open_session(worker), open_session(worker)
     wait_live(first)

@@ -35,9 +35,9 @@ from typing import Any
 
 import numpy as np
 
-from .config import FRAME_RATE
+from ..model.config import FRAME_RATE, FRAME_S
+from .audio import SPEECH_DB, level_db
 from .framing import TickGrid
-from .transcript import FRAME_S, SPEECH_DB, level_db
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from .errors import SettingsError
-from .sampling import SamplingParams, random_seed
+from ..errors import SettingsError
+from ..model.sampling import SamplingParams, random_seed
 
 RANDOM_SEED = -1
 

@@ -18,11 +18,12 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from .session import Output, SessionStats
-from .transcript import FRAME_S, SILENT_DB, SPEECH_DB, Transcript, clock_text, level_db
+from personaplex.model.config import FRAME_S
+from personaplex.runtime.audio import SILENT_DB, SPEECH_DB, level_db
+from personaplex.runtime.framing import BEHIND_TICK_MS
+from personaplex.runtime.session import Output, SessionStats
+from personaplex.runtime.transcript import Transcript, clock_text
 
-FRAME_MS = 80.0
-BEHIND_TICK_MS = 0.75 * FRAME_MS  # a tick this long leaves no room: the next hiccup drops audio
 MEMORY_WARNING_S = 30.0  # before the model's window is full
 
 

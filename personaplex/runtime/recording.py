@@ -25,9 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .audio import float_to_int16
-from .config import FRAME_RATE, FRAME_SIZE, SAMPLE_RATE
-from .transcript import FRAME_S, Transcript, level_db
+from ..model.config import FRAME_RATE, FRAME_S, FRAME_SIZE, SAMPLE_RATE
+from .audio import float_to_int16, level_db
+from .transcript import Transcript
 
 WAV_NAME, TRANSCRIPT_NAME = "call.wav", "transcript.txt"
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .batch_graphs import compile_piece
+from ..runtime.batch_graphs import compile_piece
 from .config import CODES_PER_STREAM, UNGENERATED_ID, LMConfig
 from .lm import LMModel
 from .sampling import MAX_TOP_K, SamplingParams, race_noise, sample_tokens, stream_keys

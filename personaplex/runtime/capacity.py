@@ -12,8 +12,8 @@ import os
 
 import torch
 
-from .config import ModelConfig
-from .lm import LMModel
+from ..model.config import ModelConfig
+from ..model.lm import LMModel
 
 SLOT_MEMORY_RESERVE = 4 * 1024**3  # activations, CUDA graphs, allocator slack
 

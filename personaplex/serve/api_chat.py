@@ -31,14 +31,14 @@ from typing import Any
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from ..errors import SettingsError, UserError
+from ..model.config import DEFAULT_TEXT_PROMPT, SAMPLE_RATE
+from ..model.sampling import SamplingParams
+from ..runtime.session import Limits, Session
+from ..runtime.transcript import clock_text
+from ..runtime.worker import Busy
 from . import inputs
-from .config import DEFAULT_TEXT_PROMPT, SAMPLE_RATE
-from .errors import SettingsError, UserError
-from .sampling import SamplingParams
 from .service import CUSTOM_VOICE_PREFIX, Service
-from .session import Limits, Session
-from .transcript import clock_text
-from .worker import Busy
 
 logger = logging.getLogger(__name__)
 

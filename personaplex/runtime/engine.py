@@ -27,15 +27,12 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import normalize_loudness, read_audio
-from .batch_graphs import compile_piece, tracing_every_batch
-from .config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS
-from .generate import LMGen, PromptFrames, PromptPlan, plan_prompt
-from .graphs import StepGraphs, compile_enabled, graphs_enabled
-from .loading import CheckpointError, Models, load_voice_embeddings
-from .persona import PromptError, VoicePrompt, build_prompt, voice_frames
-from .sampling import SamplingParams
-from .streaming import (
+from ..model.config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS
+from ..model.generate import LMGen, PromptFrames, PromptPlan, plan_prompt
+from ..model.loading import CheckpointError, Models, load_voice_embeddings
+from ..model.persona import PromptError, VoicePrompt, build_prompt, voice_frames
+from ..model.sampling import SamplingParams
+from ..model.streaming import (
     SwappedStates,
     copy_states,
     enable_streaming,
@@ -46,8 +43,11 @@ from .streaming import (
     slot_states,
     slot_view,
 )
-from .text import encode_role
-from .transformer import OffsetState
+from ..model.text import encode_role
+from ..model.transformer import OffsetState
+from .audio import normalize_loudness, read_audio
+from .batch_graphs import compile_piece, tracing_every_batch
+from .graphs import StepGraphs, compile_enabled, graphs_enabled
 
 logger = logging.getLogger(__name__)
 

@@ -14,23 +14,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import numpy as np
+from ..model.config import FRAME_S
+from .audio import SPEECH_DB
 
-from .config import FRAME_RATE
-
-FRAME_S = 1 / FRAME_RATE
-SPEECH_DB = -45.0  # louder frames count as speech (after the browser's noise suppression)
-SILENT_DB = -120.0
 MODEL_PAUSE_S = 1.5  # no new words this long: the model's next words start a new turn
 USER_PAUSE_S = 0.8  # this much quiet ends a user's turn
 MIN_USER_TURN_S = 0.3
 MODEL, USER = "Model", "You"
-
-
-def level_db(pcm: np.ndarray) -> float:
-    """Loudness of float32 samples in [-1, 1], in dBFS; `SILENT_DB` for digital silence."""
-    power = float(np.mean(np.square(pcm, dtype=np.float64))) if pcm.size else 0.0
-    return max(SILENT_DB, 10 * np.log10(power)) if power > 0 else SILENT_DB
 
 
 def clock_text(seconds: float) -> str:

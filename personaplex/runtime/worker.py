@@ -38,13 +38,13 @@ from typing import Any
 import numpy as np
 import torch
 
-from .config import FRAME_SIZE
+from ..errors import UserError
+from ..model.config import FRAME_SIZE
+from ..model.generate import PromptPlan
+from ..model.sampling import SamplingParams
 from .engine import Engine
-from .errors import UserError
 from .framing import ALIGN_LEAD_S, TickGrid
-from .generate import PromptPlan
 from .port import Phase, Port
-from .sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 

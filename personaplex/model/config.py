@@ -19,12 +19,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .errors import UserError
+from ..errors import UserError
 
 # --- audio -------------------------------------------------------------------------------
+# One frame is one LM step: every length in frames, ticks and calls is counted in these.
 SAMPLE_RATE = 24_000
-FRAME_RATE = 12.5
-FRAME_SIZE = 1920  # samples per 80 ms frame: one LM step
+FRAME_SIZE = 1920  # samples per 80 ms frame
+FRAME_RATE = SAMPLE_RATE / FRAME_SIZE  # 12.5 frames a second
+FRAME_S = FRAME_SIZE / SAMPLE_RATE  # 0.08 s a frame
 CODES_PER_STREAM = 8  # Mimi codebooks used per speaker (1 semantic + 7 acoustic)
 
 # --- token ids ---------------------------------------------------------------------------

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .errors import SettingsError
+from ..errors import SettingsError
 
 _MASK32 = 0xFFFFFFFF
 

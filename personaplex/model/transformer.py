@@ -41,8 +41,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .batch_graphs import compile_piece
-from .prefix_attention import BlockMask, prefix_attention, prefix_mask
+from ..runtime.batch_graphs import compile_piece
+from .attention import BlockMask, prefix_attention, prefix_mask
 from .streaming import StreamingModule, StreamingState
 
 

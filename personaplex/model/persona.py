@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..errors import UserError
 from .config import (
     CODES_PER_STREAM,
     FRAME_SIZE,
@@ -25,7 +26,6 @@ from .config import (
     TEXT_PAD_ID,
     LMConfig,
 )
-from .errors import UserError
 from .generate import RING_SIZE, PromptFrames
 
 

@@ -28,12 +28,11 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from ..model.config import FRAME_S, FRAME_SIZE
 from .audio import FrameBuffer
-from .config import FRAME_SIZE
 from .framing import ALIGN_WATCH_S, Aligner
 from .port import OFFLINE, REALTIME, CallFrame, Ending, Limits, Phase, Port, SessionStats
 from .recording import CallRecording
-from .transcript import FRAME_S
 
 __all__ = ["OFFLINE", "REALTIME", "Ending", "Limits", "Output", "Phase", "Session", "SessionStats"]
 

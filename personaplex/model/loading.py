@@ -28,8 +28,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ..errors import UserError
 from .config import ModelConfig
-from .errors import UserError
 from .lm import LMModel
 from .mimi import Mimi
 from .persona import PromptError, VoicePrompt, voice_from_saved

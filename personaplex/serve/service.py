@@ -27,23 +27,32 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .audio import AudioError, normalize_loudness, read_audio, write_wav
-from .audio import preload as preload_codecs
-from .capacity import SLOT_MEMORY_RESERVE, cpu_threads, lm_parameter_count, slot_bytes, suggest_slots
-from .config import DEFAULT_TEXT_PROMPT, FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, ModelConfig, load_config
-from .engine import Engine
-from .errors import SettingsError, UserError
-from .generate import PromptPlan
-from .graphs import compile_enabled
-from .health import BEHIND_TICK_MS, FRAME_MS
-from .loading import CheckpointError, Models, load_models, resolve_checkpoint
-from .persona import VoicePrompt
-from .recording import FileStore
-from .sampling import SamplingParams
-from .session import OFFLINE, Session
-from .text import caption_text, piece_text
-from .transcript import FRAME_S, Transcript, level_db
-from .worker import EngineWorker
+from ..errors import SettingsError, UserError
+from ..model.config import (
+    DEFAULT_TEXT_PROMPT,
+    FRAME_RATE,
+    FRAME_S,
+    FRAME_SIZE,
+    PERSONAPLEX_7B,
+    SAMPLE_RATE,
+    ModelConfig,
+    load_config,
+)
+from ..model.generate import PromptPlan
+from ..model.loading import CheckpointError, Models, load_models, resolve_checkpoint
+from ..model.persona import VoicePrompt
+from ..model.sampling import SamplingParams
+from ..model.text import caption_text, piece_text
+from ..runtime.audio import AudioError, level_db, normalize_loudness, read_audio, write_wav
+from ..runtime.audio import preload as preload_codecs
+from ..runtime.capacity import SLOT_MEMORY_RESERVE, cpu_threads, lm_parameter_count, slot_bytes, suggest_slots
+from ..runtime.engine import Engine
+from ..runtime.framing import BEHIND_TICK_MS
+from ..runtime.graphs import compile_enabled
+from ..runtime.recording import FileStore
+from ..runtime.session import OFFLINE, Session
+from ..runtime.transcript import Transcript
+from ..runtime.worker import EngineWorker
 
 logger = logging.getLogger(__name__)
 
@@ -273,9 +282,9 @@ class Service:
         assert self.engine is not None
         for shortfall in self.engine.shortfalls:  # loud: the engine works, but slower than it should
             what += f" {shortfall}"
-        if frame_ms > FRAME_MS:
+        if frame_ms > FRAME_S * 1000:
             what += (
-                f". That is {frame_ms / FRAME_MS:.1f}x slower than real time: live audio will stutter. "
+                f". That is {frame_ms / (FRAME_S * 1000):.1f}x slower than real time: live audio will stutter. "
                 "Use a GPU for live conversations, or the offline tab here"
             )
         return what
@@ -416,11 +425,11 @@ class Service:
         for shortfall in self.shortfalls:  # said, not only logged
             text += f"; running {shortfall}, slower than it should"
             level = "busy"
-        if figures.tick_ms > FRAME_MS:
-            text += f", {figures.tick_ms / FRAME_MS:.1f}x slower than real time: live audio will stutter (use a GPU, or the offline tab)"
+        if figures.tick_ms > FRAME_S * 1000:
+            text += f", {figures.tick_ms / (FRAME_S * 1000):.1f}x slower than real time: live audio will stutter (use a GPU, or the offline tab)"
             level = "failed"
         elif figures.tick_ms > BEHIND_TICK_MS:
-            text += f", near the {FRAME_MS:g} ms a frame lasts"
+            text += f", near the {FRAME_S * 1000:g} ms a frame lasts"
             level = "busy"
         return Summary(level, "Ready", text)
 

@@ -29,14 +29,15 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
+from ..errors import UserError
+from ..model.config import SAMPLE_RATE, TEXT_PAD_ID
+from ..model.sampling import SamplingParams
+from ..runtime.audio import AudioError, FrameBuffer, normalize_loudness, read_audio, write_wav
+from ..runtime.framing import TickGrid
+from ..runtime.port import Port
+from ..runtime.recording import FileStore
+from ..runtime.session import Session
 from .api_chat import AUDIO, ERROR, HANDSHAKE, PROMPT_WAIT_S, TEXT, chat_query
-from .audio import AudioError, FrameBuffer, normalize_loudness, read_audio, write_wav
-from .config import SAMPLE_RATE, TEXT_PAD_ID
-from .errors import UserError
-from .framing import TickGrid
-from .port import Port
-from .recording import FileStore
-from .sampling import SamplingParams
 from .service import (
     CUSTOM_VOICE_SECONDS,
     FILES_GRACE_S,
@@ -48,7 +49,6 @@ from .service import (
     Status,
     Summary,
 )
-from .session import Session
 
 logger = logging.getLogger(__name__)
 

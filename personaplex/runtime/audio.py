@@ -28,9 +28,11 @@ from typing import Any
 
 import numpy as np
 
-from .config import FRAME_SIZE, SAMPLE_RATE, VOICE_PROMPT_LUFS
-from .errors import UserError
+from ..errors import UserError
+from ..model.config import FRAME_SIZE, SAMPLE_RATE, VOICE_PROMPT_LUFS
 
+SPEECH_DB = -45.0  # louder frames count as speech (after the browser's noise suppression)
+SILENT_DB = -120.0
 _INT16_SCALE = 32768.0
 _LOUDNESS_BLOCK_S = 0.4  # BS.1770 gating block: shorter clips have no loudness
 
@@ -119,6 +121,12 @@ def normalize_loudness(pcm: np.ndarray, target_lufs: float = VOICE_PROMPT_LUFS) 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # pyloudnorm warns when the gain clips; so does the reference
         return pyloudnorm.normalize.loudness(pcm, loudness, target_lufs).astype(np.float32)
+
+
+def level_db(pcm: np.ndarray) -> float:
+    """Loudness of float32 samples in [-1, 1], in dBFS; `SILENT_DB` for digital silence."""
+    power = float(np.mean(np.square(pcm, dtype=np.float64))) if pcm.size else 0.0
+    return max(SILENT_DB, 10 * np.log10(power)) if power > 0 else SILENT_DB
 
 
 def int16_to_float(pcm: np.ndarray) -> np.ndarray:
