@@ -25,9 +25,8 @@ import time
 import torch
 import torch.nn.functional as F
 
-from personaplex.model.attention import prefix_attention, prefix_mask
+from personaplex.model.attention import pinned_attention, prefix_attention, prefix_mask
 from personaplex.model.config import PERSONAPLEX_7B
-from personaplex.model.transformer import pinned_attention
 
 from .rows import Rows
 

@@ -32,10 +32,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from personaplex.model.config import FRAME_SIZE, SAMPLE_RATE
-from personaplex.model.sampling import SamplingParams
+from personaplex.model.config import FRAME_SIZE, SAMPLE_RATE, SamplingParams
 from personaplex.runtime.audio import read_audio, write_wav
 from personaplex.runtime.session import Session
+from personaplex.serve.contract import CallSettings
 from personaplex.serve.service import Service, Settings
 
 from .rows import Rows
@@ -148,7 +148,7 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
     voice_path = long_voice(folder, args.voice_seconds)
 
     def begin(session: Session) -> None:
-        service.start_call(session, "TESTV0", ROLE, sampling)
+        service.start_call(session, CallSettings("TESTV0", ROLE, sampling))
 
     start = time.monotonic() + 0.5
     quiet_from, load_at = start + args.settle, start + args.settle + args.quiet

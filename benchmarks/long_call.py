@@ -39,10 +39,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from personaplex.model.config import FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, load_config
+from personaplex.model.config import FRAME_RATE, FRAME_SIZE, PERSONAPLEX_7B, SAMPLE_RATE, SamplingParams, load_config
 from personaplex.model.loading import load_models, resolve_checkpoint
-from personaplex.model.sampling import SamplingParams
-from personaplex.model.text import caption_text, piece_label
+from personaplex.model.text import Words
 from personaplex.runtime.audio import read_audio, write_wav
 from personaplex.runtime.engine import Engine
 from personaplex.runtime.transcript import clock_text
@@ -102,7 +101,8 @@ def first_difference(a, b) -> int:
 def words_between(text_ids: list[int], tokenizer, start_s: float, end_s: float) -> str:
     """What the model said in [start_s, end_s), as people read it."""
     frames = text_ids[int(start_s * FRAME_RATE) : int(end_s * FRAME_RATE)]
-    return "".join(caption_text(t, tokenizer) for t in frames).strip()
+    words = Words(tokenizer)
+    return "".join(words.caption(t) for t in frames).strip()
 
 
 def side_by_side(turns: list[Turn], calls: dict[str, Conversation], tokenizer, seconds: float, slides_out_s: float) -> str:
@@ -156,7 +156,7 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
         folder.mkdir(exist_ok=True)
         write_wav(folder / "agent.wav", call.pcm)
         write_wav(folder / "call.wav", np.stack([user, call.pcm], axis=1))
-        labels = [piece_label(t, models.tokenizer) for t in call.text_ids]
+        labels = [Words(models.tokenizer).label(t) for t in call.text_ids]
         (folder / "text.json").write_text(json.dumps(labels, ensure_ascii=False))
         logger.info("%s: %d frames in %.1f s", name, len(call.text_ids), wall)
     # A prompt of F frames runs F - 1 transformer steps; user frame i is step F - 1 + i, and

@@ -45,7 +45,7 @@ REGIONS = [  # (file, function) -> the part of the tick; the innermost frame tha
     (("lm.py", "forward_embeddings"), "temporal transformer"), (("lm.py", "embed"), "temporal transformer"),
     (("generate.py", "ring_prepare"), "token ring"), (("generate.py", "ring_commit"), "token ring"),
     (("mimi.py", "encode"), "mimi encode"), (("mimi.py", "decode"), "mimi decode"),
-    (("generate.py", "_heads"), "sampling + depformer (compiled)"),
+    (("generate.py", "heads"), "sampling + depformer (compiled)"),
 ]
 GENERATED = re.compile(r"^graph_\d+_(cpp_|triton_|kernel)")  # a kernel Inductor generated (`kernel`: its CPU flex template)
 

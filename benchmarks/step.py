@@ -22,12 +22,11 @@ import time
 
 import torch
 
-from personaplex.model.config import FRAME_SIZE, PRESETS, ModelConfig
+from personaplex.model.config import FRAME_SIZE, PRESETS, ModelConfig, SamplingParams
 from personaplex.model.lm import LMModel
 from personaplex.model.loading import Models
 from personaplex.model.mimi import Mimi
 from personaplex.model.persona import VoicePrompt, build_prompt
-from personaplex.model.sampling import SamplingParams
 from personaplex.runtime.capacity import slot_bytes, suggest_slots
 from personaplex.runtime.engine import Engine
 
@@ -98,7 +97,7 @@ def time_to_first_audio(engine: Engine, config: ModelConfig, prefill: bool, repe
         prompt = persona(config, seed=100 + r)
         sync(engine.device)
         start = time.perf_counter()
-        engine.start(0, prompt, SamplingParams(seed=r), prefill=prefill, keep_persona=engine.models.lm.transformer.pinning)
+        engine.start(0, prompt, SamplingParams(seed=r), prefill=prefill, keep_persona=engine.gen.pinning)
         engine.step(torch.zeros(1, FRAME_SIZE), 1).pcm.cpu()
         results.append((time.perf_counter() - start) * 1000)
     return statistics.median(results)
@@ -136,7 +135,7 @@ def tick_row(engine: Engine, n: int, args: argparse.Namespace, naive: list[float
 def attended(engine: Engine, bucket: int) -> int:
     """Mean number of steps in the attention windows of slots 0..bucket-1 (at most the context):
     what a tick on the prefix route reads, which grows as the rows run."""
-    return round(float(engine.models.lm.transformer.next_read()[:bucket].float().mean()))
+    return round(float(engine.gen.window_lengths()[:bucket].float().mean()))
 
 
 def profile_tick(engine: Engine, n: int) -> dict:

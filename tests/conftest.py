@@ -43,7 +43,7 @@ def _no_leftover_streaming(request: pytest.FixtureRequest):
         disable_streaming(loaded.mimi)
         disable_streaming(loaded.lm)
         loaded.lm.transformer.pinning = False
-        loaded.lm.transformer.compile_steps(False)
+        loaded.lm.transformer.prefix_attention = False
 
 
 @pytest.fixture(scope="session")

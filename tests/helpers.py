@@ -105,6 +105,20 @@ def start_tiny_service(max_sessions: int = 2):
     return service
 
 
+def without_torch() -> dict[str, str]:
+    """The environment of a Python where `import torch` fails (a `sitecustomize` on its path
+    blocks it): what a page in front of a cluster runs in, in a small CPU container."""
+    import os
+
+    folder = Path(tempfile.mkdtemp(prefix="no-torch-"))
+    (folder / "sitecustomize.py").write_text(
+        "import sys\n"
+        "for name in ('torch', 'torchaudio', 'torchvision'):\n"
+        "    sys.modules[name] = None  # import torch -> ImportError\n"
+    )
+    return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
+
+
 def free_port() -> int:
     import socket
 

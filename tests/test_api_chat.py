@@ -19,12 +19,14 @@ from starlette.routing import WebSocketRoute
 
 from examples.chat_client import CHUNK, RATE, talk
 from personaplex.errors import SettingsError
-from personaplex.model.config import DEFAULT_TEXT_PROMPT
-from personaplex.model.sampling import SamplingParams
+from personaplex.model.config import DEFAULT_TEXT_PROMPT, SamplingParams
 from personaplex.runtime.port import Port
 from personaplex.runtime.session import REALTIME, Limits
-from personaplex.serve.api_chat import AUDIO, ERROR, HANDSHAKE, PATH, ChatDoor, chat_settings
+from personaplex.serve.api_chat import AUDIO, ERROR, HANDSHAKE, PATH, ChatDoor, chat_query, chat_settings
+from personaplex.serve.contract import CallSettings
 from personaplex.serve.service import Service, Settings
+from web.handler import INPUT_RATE, Calls, ConversationHandler
+from web.values import CALL_INPUT_NAMES
 
 from .helpers import ROOT, free_port, start_tiny_service
 
@@ -80,13 +82,15 @@ def test_the_query_is_read_as_the_official_clients_send_it():
     official = {"text_temperature": "0.7", "text_topk": "25", "audio_temperature": "0.8", "audio_topk": "250",
                 "pad_mult": "0", "text_seed": "123", "audio_seed": "456", "repetition_penalty_context": "64",
                 "repetition_penalty": "1.0", "text_prompt": "You are a chef.", "voice_prompt": "NATF2.pt", "seed": "9"}
-    voice, role, sampling = chat_settings(official, VOICES, "NATF2")
-    assert (voice, role) == ("NATF2", "You are a chef.")
-    assert sampling == SamplingParams(temp_text=0.7, topk_text=25, temp_audio=0.8, topk_audio=250, seed=9)
-    voice, role, sampling = chat_settings({}, VOICES, "NATF2")  # Kyutai's client sends no query at all
-    assert (voice, role, sampling.topk_audio) == ("NATF2", DEFAULT_TEXT_PROMPT, 250)
-    assert chat_settings({"voice_prompt": "TESTV0"}, VOICES, "NATF9")[0] == "TESTV0"
-    assert chat_settings({}, ["TESTV0"], "NATF2")[0] == "TESTV0"  # the default persona's voice is not in this checkpoint
+    settings = chat_settings(official, VOICES, "NATF2")
+    sampling = SamplingParams(temp_text=0.7, topk_text=25, temp_audio=0.8, topk_audio=250, seed=9)
+    assert settings == CallSettings("NATF2", "You are a chef.", sampling, keep_persona=True)
+    settings = chat_settings({}, VOICES, "NATF2")  # Kyutai's client sends no query at all
+    assert (settings.voice, settings.role, settings.sampling.topk_audio) == ("NATF2", DEFAULT_TEXT_PROMPT, 250)
+    assert chat_settings({"voice_prompt": "TESTV0"}, VOICES, "NATF9").voice == "TESTV0"
+    assert chat_settings({}, ["TESTV0"], "NATF2").voice == "TESTV0"  # the default persona's voice is not in this checkpoint
+    assert not chat_settings({"keep_persona": "false"}, VOICES, "NATF2").keep_persona
+    assert chat_settings(chat_query(settings), VOICES, "NATF2") == settings  # what a page in front sends, read back
 
 
 @pytest.mark.parametrize(("values", "said"), [
@@ -201,7 +205,6 @@ def test_a_webrtc_call_and_a_websocket_call_give_the_same_tokens(service, door, 
     other: the model's text ids, tick by tick, are the same (one run may be a few ticks longer)."""
     from fastrtc.utils import Context, current_context
 
-    import app
 
     answered: dict[int, list[int]] = {}
     original = Port.answer
@@ -216,16 +219,16 @@ def test_a_webrtc_call_and_a_websocket_call_give_the_same_tokens(service, door, 
                 "greedy": False, "mute": False, "keep_persona": True}
 
     async def webrtc_call() -> None:
-        handler = app.ConversationHandler(app.Calls(service, REALTIME))
+        handler = ConversationHandler(Calls(service, REALTIME))
         handler.phone_mode = True  # the settings are there at once, as fastrtc sets them
-        handler.latest_args = ["__webrtc__", "call-1", *(settings[name] for name in app.CALL_INPUT_NAMES)]
+        handler.latest_args = ["__webrtc__", "call-1", *(settings[name] for name in CALL_INPUT_NAMES)]
         current_context.set(Context(webrtc_id="call-1"))
         await handler.start_up()
         assert await handler.session.until_live(10)
         began = time.monotonic()
         silence = np.zeros(960, dtype=np.int16)  # 20 ms at 48 kHz, as fastrtc hands it over
         for i in range(150):  # 3 s
-            await handler.receive((app.INPUT_RATE, silence))
+            await handler.receive((INPUT_RATE, silence))
             await handler.emit()
             await asyncio.sleep(max(0.0, began + (i + 1) * 0.02 - time.monotonic()))
         await handler.shutdown()

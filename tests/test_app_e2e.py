@@ -138,6 +138,6 @@ def test_the_page_and_the_websocket_protocol_serve_calls_at_once_from_one_engine
     deadline = time.monotonic() + 5
     ended = []
     while not ended and time.monotonic() < deadline:
-        ended = [line for line in running_app.output().splitlines() if "personaplex.api_chat: chat" in line and "ended (stopped)" in line]
+        ended = [line for line in running_app.output().splitlines() if "personaplex.call: chat" in line and "ended (stopped)" in line]
         time.sleep(0.1)
     assert ended  # the WebSocket call's ending, in one line with its reason

@@ -9,6 +9,9 @@ import httpx
 import pytest
 import torch
 
+from web import events
+from web.values import CUSTOM_VOICE
+
 from .helpers import RunningApp
 
 pytestmark = pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the first command loads the 7B")
@@ -49,12 +52,11 @@ def test_a_page_opened_before_the_model_was_ready_gets_its_voices_without_losing
     the person chose meanwhile (the custom one, say) must not be set back."""
     from types import SimpleNamespace
 
-    import app
 
     service = SimpleNamespace(status=SimpleNamespace(ready=True), voice_names=lambda: ["NATF2", "NATM1"])
-    kept, _ = app.checkpoint_voices(service, "NATM1")
+    kept, _ = events.checkpoint_voices(service, "NATM1")
     assert "value" not in kept and ("Custom voice (uploaded)", "Custom voice (uploaded)") in kept["choices"]
-    kept, _ = app.checkpoint_voices(service, app.CUSTOM_VOICE)
+    kept, _ = events.checkpoint_voices(service, CUSTOM_VOICE)
     assert "value" not in kept
-    replaced, timer = app.checkpoint_voices(service, "TESTV0")  # the placeholder list's voice
+    replaced, timer = events.checkpoint_voices(service, "TESTV0")  # the placeholder list's voice
     assert replaced["value"] == "NATF2" and timer.active is False

@@ -10,19 +10,21 @@ import re
 import wave
 from pathlib import Path
 
+import gradio as gr
 import numpy as np
 import pytest
 from fastrtc.utils import Context, current_context
 
-import app
 from personaplex.model.config import SAMPLE_RATE
 from personaplex.runtime.session import REALTIME, Limits
-from web import call_page
+from web import call_page, events
+from web.handler import CLOSE_DELAY_S, END_STREAM_DELAY_S, INPUT_RATE, MAX_BUFFERED, Calls, ConversationHandler
+from web.values import CALL_INPUT_NAMES, CUSTOM_VOICE, voice_choices, voice_label
 
 from .helpers import ROOT, start_tiny_service
 
 CHUNK = 960  # what fastrtc hands `receive` at the handler's 48 kHz: one 20 ms packet
-CHUNK_S = CHUNK / app.INPUT_RATE
+CHUNK_S = CHUNK / INPUT_RATE
 OWNER = "page-token-1"
 GOOD = {"owner": OWNER, "role": "You enjoy having a good conversation.", "voice": "TESTV0", "custom_voice": "",
         "consent": False, "temp_text": 0.7, "topk_text": 25, "temp_audio": 0.8, "topk_audio": 250, "seed": 1, "greedy": True,
@@ -69,9 +71,9 @@ class FakeConnections:
 
 def make_handler(service, limits: Limits = REALTIME, call_id="call-1", **values):
     connections = FakeConnections()
-    handler = app.ConversationHandler(app.Calls(service, limits, connections))  # type: ignore[arg-type]
+    handler = ConversationHandler(Calls(service, limits, connections))  # type: ignore[arg-type]
     handler.phone_mode = True  # `wait_for_args` returns at once; the inputs are set as fastrtc sets them
-    handler.latest_args = ["__webrtc_value__", call_id, *({**GOOD, **values}[name] for name in app.CALL_INPUT_NAMES)]
+    handler.latest_args = ["__webrtc_value__", call_id, *({**GOOD, **values}[name] for name in CALL_INPUT_NAMES)]
     handler.set_channel(FakeChannel())
     current_context.set(Context(webrtc_id=call_id))
     return handler
@@ -79,9 +81,9 @@ def make_handler(service, limits: Limits = REALTIME, call_id="call-1", **values)
 
 def mic_chunks(n: int, seed: int = 0):
     rng = np.random.default_rng(seed)
-    t = np.arange(n * CHUNK) / app.INPUT_RATE
+    t = np.arange(n * CHUNK) / INPUT_RATE
     pcm = (0.3 * np.sin(2 * np.pi * 300 * t) + 0.02 * rng.standard_normal(t.size)) * 32767
-    return [(app.INPUT_RATE, pcm[i * CHUNK : (i + 1) * CHUNK].astype(np.int16)[None]) for i in range(n)]
+    return [(INPUT_RATE, pcm[i * CHUNK : (i + 1) * CHUNK].astype(np.int16)[None]) for i in range(n)]
 
 
 async def talk(handler, chunks, realtime=True):
@@ -144,10 +146,10 @@ def test_every_80_ms_in_gives_80_ms_out_with_silence_while_the_prompt_loads(serv
     recording = handler.session.recording
     with wave.open(str(recording.wav_path)) as w:
         assert (w.getnchannels(), w.getframerate(), w.getnframes()) == (2, SAMPLE_RATE, 22 * 1920)
-    files = app.call_files(service, "call-1", OWNER)
+    files = events.call_files(service, "call-1", OWNER)
     assert [Path(f["value"]).name for f in files] == ["call.wav", "transcript.txt"]
     for someone_else in ("page-token-2", None, "", 5):  # another page asking for the same call gets nothing
-        assert all(f["visible"] is False for f in app.call_files(service, "call-1", someone_else))
+        assert all(f["visible"] is False for f in events.call_files(service, "call-1", someone_else))
 
 
 @pytest.mark.parametrize("ending", ["time limit", "idle"])
@@ -159,14 +161,14 @@ def test_the_app_ends_a_call_says_why_frees_everything_and_offers_its_files(serv
         await handler.start_up()
         await talk(handler, mic_chunks(20 if ending == "time limit" else 10))  # 0.4 s, 0.2 s: ends after
         final = await until_ended(handler)
-        await asyncio.sleep(app.END_STREAM_DELAY_S + app.CLOSE_DELAY_S + 0.3)
+        await asyncio.sleep(END_STREAM_DELAY_S + CLOSE_DELAY_S + 0.3)
         return handler, final
 
     handler, final = asyncio.run(scenario())
     message = "time limit of 1 s" if ending == "time limit" else "no audio from your microphone for 0.5 s"
     assert message in final["live"] and final["ending"]["reason"] == ending
     assert "who speaking" not in final["live"] and "ended" in final["live"]  # the meters stop with the call
-    assert all(Path(f["value"]).exists() for f in app.call_files(service, "call-1", OWNER))  # what the page then fetches
+    assert all(Path(f["value"]).exists() for f in events.call_files(service, "call-1", OWNER))  # what the page then fetches
     assert any('"end_stream"' in m and message in m for m in handler.channel.sent)  # the page stops the call and says why
     assert "call-1" in handler.calls.connections.closed and service.worker.live_sessions == 0
 
@@ -176,8 +178,8 @@ def test_the_app_ends_a_call_says_why_frees_everything_and_offers_its_files(serv
     [
         ({"role": "x" * 1200}, "the role prompt is 1200 characters; the limit is 1000"),
         ({"voice": "NATF9"}, "unknown voice 'NATF9'"),
-        ({"voice": app.CUSTOM_VOICE}, "upload or record a custom voice and tick the consent box"),
-        ({"voice": app.CUSTOM_VOICE, "custom_voice": "custom:x", "consent": "false"}, "upload or record a custom voice"),
+        ({"voice": CUSTOM_VOICE}, "upload or record a custom voice and tick the consent box"),
+        ({"voice": CUSTOM_VOICE, "custom_voice": "custom:x", "consent": "false"}, "upload or record a custom voice"),
         ({"mute": "loud"}, "the mute switch must be true or false"),
         ({"voice": None}, "the voice must be text, got nothing"),
         ({"voice": 123}, "the voice must be text, got 123"),
@@ -200,12 +202,12 @@ def test_bad_settings_end_the_call_with_their_message(service, values, message):
 
     final = asyncio.run(scenario())
     assert message in final["live"] and "data-ending='refused'" in final["live"] and final["ending"]["reason"] == "refused"
-    assert all(f["visible"] is False for f in app.call_files(service, "refused-call", OWNER))  # nothing to download
+    assert all(f["visible"] is False for f in events.call_files(service, "refused-call", OWNER))  # nothing to download
     assert service.worker.live_sessions == 0
 
 
 def test_settings_that_never_arrive_end_the_call(service, monkeypatch):
-    monkeypatch.setattr(app, "ARGS_TIMEOUT_S", 0.2)
+    monkeypatch.setattr("web.handler.ARGS_TIMEOUT_S", 0.2)
 
     async def scenario():
         handler = make_handler(service)
@@ -263,7 +265,7 @@ def test_the_offline_tab_returns_the_models_side_a_stereo_mix_and_the_text(servi
     user = ROOT / "examples" / "user_question.wav"
     seen = []
     sampling = (0.7, 25, 0.8, 250, 3, False)
-    agent, mix, text, files = app.generate_offline(service, str(user), "You enjoy having a good conversation.", "TESTV0", "", False,
+    agent, mix, text, files = events.generate_offline(service, str(user), "You enjoy having a good conversation.", "TESTV0", "", False,
                                                    *sampling, progress=lambda fraction, desc=None: seen.append(fraction))
     n = read_audio(user).size
     assert read_audio(agent).size == n
@@ -273,14 +275,14 @@ def test_the_offline_tab_returns_the_models_side_a_stereo_mix_and_the_text(servi
     assert Path(files[0]).parent.parent == service.files.root  # kept in the store, deleted after a while
     assert seen and seen[-1] == 1.0
     for path, message in [(None, "Upload or record the user's side first"), (7, "Upload or record the user's side first")]:
-        with pytest.raises(app.gr.Error, match=message):
-            app.generate_offline(service, path, "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
+        with pytest.raises(gr.Error, match=message):
+            events.generate_offline(service, path, "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
     bad = tmp_path / "bad.wav"
     bad.write_bytes(b"not audio" * 100)
-    with pytest.raises(app.gr.Error, match=r"bad\.wav"):
-        app.generate_offline(service, str(bad), "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
-    with pytest.raises(app.gr.Error, match="the seed must be"):
-        app.generate_offline(service, str(user), "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 2**40, False, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match=r"bad\.wav"):
+        events.generate_offline(service, str(bad), "", "TESTV0", "", False, *sampling, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="the seed must be"):
+        events.generate_offline(service, str(user), "", "TESTV0", "", False, 0.7, 25, 0.8, 250, 2**40, False, progress=lambda *a, **k: None)
 
 
 def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(service, tmp_path, monkeypatch):
@@ -289,15 +291,15 @@ def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(
     from .helpers import tone
 
     good = ROOT / "examples" / "voice_sample.wav"
-    waiting = app.upload_voice(service, str(good), False, "", None, "page-1")
+    waiting = events.upload_voice(service, str(good), False, "", None, "page-1")
     assert "Tick the consent box to use this clip" in waiting.message and waiting.key == "" and waiting.outcome == ""
-    ready = app.upload_voice(service, str(good), True, "", None, "page-1")  # consent ticked: it applies
+    ready = events.upload_voice(service, str(good), True, "", None, "page-1")  # consent ticked: it applies
     assert "Custom voice ready (8.6 s)" in ready.message and ready.key.startswith("custom:") and ready.outcome == "ready"
     played = read_audio(ready.heard)  # the voice in use, as the model hears it (-24 LUFS)
     assert ready.kept == ready.heard and played.size == read_audio(good).size and np.abs(played).max() > 0.01
-    assert app.show_upload("ready")[0]["value"] == app.CUSTOM_VOICE  # the page selects it and shows it
-    assert app.upload_voice(service, str(good), True, "", None, "page-1").key == ready.key  # the same clip, the same page
-    assert ready.key in service._custom
+    assert events.show_upload("ready")[0]["value"] == CUSTOM_VOICE  # the page selects it and shows it
+    assert events.upload_voice(service, str(good), True, "", None, "page-1").key == ready.key  # the same clip, the same page
+    assert service.voices.has(ready.key)
 
     cases = {
         "silent.wav": (lambda p: write_wav(p, np.zeros(6 * SAMPLE_RATE, dtype=np.float32)), "the clip is silent"),
@@ -310,59 +312,59 @@ def test_custom_voice_uploads_get_specific_messages_and_keep_the_previous_voice(
     for name, (make, expected) in cases.items():
         path = tmp_path / name
         make(path)
-        refused = app.upload_voice(service, str(path), True, ready.key, ready.heard, "page-1")
+        refused = events.upload_voice(service, str(path), True, ready.key, ready.heard, "page-1")
         assert re.search(expected, refused.message), (name, refused.message)
         assert "previous custom voice is kept" in refused.message and refused.outcome == "refused"
         assert (refused.key, refused.heard) == (ready.key, ready.heard)  # the voice and its playback stay
-    assert app.show_upload("refused")[1]["value"] is None  # the box is cleared: it takes a new clip
-    refused = app.upload_voice(service, str(good), ["yes"], ready.key, ready.heard, "page-1")
+    assert events.show_upload("refused")[1]["value"] is None  # the box is cleared: it takes a new clip
+    refused = events.upload_voice(service, str(good), ["yes"], ready.key, ready.heard, "page-1")
     assert "the consent box must be true or false" in refused.message and refused.key == ready.key
-    monkeypatch.setattr("personaplex.serve.service.MAX_UPLOAD_BYTES", 1000)
-    refused = app.upload_voice(service, str(good), True, ready.key, ready.heard, "page-1")
+    monkeypatch.setattr("personaplex.serve.contract.MAX_UPLOAD_BYTES", 1000)
+    refused = events.upload_voice(service, str(good), True, ready.key, ready.heard, "page-1")
     assert "larger than" in refused.message and refused.key == ready.key
 
 
 def test_a_voice_preview_is_the_model_greeting_on_silence_made_once(service):
-    path = Path(app.preview_voice(service, "TESTV0"))
+    path = Path(events.preview_voice(service, "TESTV0"))
     assert path.exists()
     mtime = path.stat().st_mtime
-    assert app.preview_voice(service, "TESTV0") == str(path) and path.stat().st_mtime == mtime  # cached
+    assert events.preview_voice(service, "TESTV0") == str(path) and path.stat().st_mtime == mtime  # cached
     from personaplex.runtime.audio import read_audio
 
     assert read_audio(path).size == 4 * SAMPLE_RATE
-    with pytest.raises(app.gr.Error, match="unknown voice 'NATF9'"):
-        app.preview_voice(service, "NATF9")
+    with pytest.raises(gr.Error, match="unknown voice 'NATF9'"):
+        events.preview_voice(service, "NATF9")
 
 
 def test_voice_labels_say_what_the_release_names_mean():
-    assert app.voice_label("NATF2") == "NATF2 · natural, female" and app.voice_label("VARM4") == "VARM4 · varied, male"
-    assert app.voice_label("TESTV0") == "TESTV0"
-    assert app.voice_choices(["NATM1"]) == [("NATM1 · natural, male", "NATM1"), (app.CUSTOM_VOICE, app.CUSTOM_VOICE)]
+    assert voice_label("NATF2") == "NATF2 · natural, female" and voice_label("VARM4") == "VARM4 · varied, male"
+    assert voice_label("TESTV0") == "TESTV0"
+    assert voice_choices(["NATM1"]) == [("NATM1 · natural, male", "NATM1"), (CUSTOM_VOICE, CUSTOM_VOICE)]
 
 
 def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
-    from personaplex.serve.service import EngineFigures
+    from personaplex.serve.contract import EngineFigures
 
-    assert "Ready**: on cpu for 2 conversations at once" in app.status_markdown(service)  # idle: the warm-up's figure
+    assert "Ready**: on cpu for 2 conversations at once" in events.status_markdown(service)  # idle: the warm-up's figure
     for figures, expected, dot in [
         (EngineFigures(1, 2, 21.0), "1 of 2 conversations in progress; an 80 ms frame of all of them takes 21 ms now", "ready"),
         (EngineFigures(2, 2, 70.0), "takes 70 ms now, near the 80 ms a frame lasts", "busy"),
         (EngineFigures(2, 2, 160.0), "2.0x slower than real time: live audio will stutter", "failed"),
     ]:
         monkeypatch.setattr(service, "figures", lambda figures=figures: figures)
-        text = app.status_markdown(service)
+        text = events.status_markdown(service)
         assert expected in text and f"dot {dot}" in text, text
     monkeypatch.setattr(service.engine, "graphs_failed", "RuntimeError: CUDA error: operation not permitted")
     monkeypatch.setattr(service, "figures", lambda: EngineFigures(0, 2, 9.0))
-    text = app.status_markdown(service)  # a failed capture is said, not only logged
+    text = events.status_markdown(service)  # a failed capture is said, not only logged
     assert "running without CUDA graphs" in text and "operation not permitted" in text and "dot busy" in text
     monkeypatch.setattr(service.engine, "graphs_failed", None)
     monkeypatch.setattr(service.engine, "compile_failed", "BackendCompilerFailed: no C++ compiler")
-    text = app.status_markdown(service)
+    text = events.status_markdown(service)
     assert "running uncompiled" in text and "no C++ compiler" in text and "dot busy" in text
     monkeypatch.setattr(service.engine, "compile_failed", None)
     monkeypatch.setattr(service.engine, "prefix_attention_failed", "InductorError: <no flex kernel>")
-    text = app.status_markdown(service)
+    text = events.status_markdown(service)
     assert "whole window" in text and "&lt;no flex kernel&gt;" in text and "dot busy" in text
 
 
@@ -386,7 +388,7 @@ def test_page_updates_wait_while_the_page_has_not_taken_the_last_ones(service):
         await handler.start_up()
         while handler.session.phase.value != "live":
             await asyncio.sleep(0.01)
-        handler.channel.bufferedAmount = app.MAX_BUFFERED + 1
+        handler.channel.bufferedAmount = MAX_BUFFERED + 1
         _, held = await talk(handler, mic_chunks(40))  # 0.8 s: 10 frames, 3 updates due
         handler.channel.bufferedAmount = 0
         _, sent = await talk(handler, mic_chunks(40, seed=2))
@@ -441,7 +443,7 @@ def test_a_channel_that_refuses_the_ending_does_not_keep_the_connection_open(ser
         await handler.start_up()
         for _ in range(20):
             await handler.emit()
-        await asyncio.sleep(app.END_STREAM_DELAY_S + app.CLOSE_DELAY_S + 0.3)
+        await asyncio.sleep(END_STREAM_DELAY_S + CLOSE_DELAY_S + 0.3)
         return handler
 
     handler = asyncio.run(scenario())

@@ -114,7 +114,7 @@ def test_int16_round_trip_and_wav_clipping(tmp_path):
 
 
 def test_half_rate_is_the_same_in_any_chunks_and_keeps_speech_but_not_what_would_alias():
-    from personaplex.runtime.audio import HalfRate
+    from web.half_rate import HalfRate
 
     noise = np.random.default_rng(0).standard_normal(48_000).astype(np.float32)
     whole = HalfRate().push(noise)

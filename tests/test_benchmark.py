@@ -51,7 +51,7 @@ def test_the_benchmarks_and_the_engine_run_without_the_audio_and_web_packages(tm
         f"for name in {blocked!r}: sys.modules[name] = None  # import name -> ImportError\n"
         "from benchmarks.step import main as step\n"
         "from benchmarks.attention import main as attention\n"
-        "import personaplex, personaplex.engine, personaplex.worker, personaplex.session\n"
+        "import personaplex, personaplex.runtime.engine, personaplex.runtime.worker, personaplex.runtime.session\n"
         "step(['--device', 'cpu', '--preset', 'tiny', '--sessions', '1', '--ticks', '2', '--warmup', '1', '--repeats', '1',"
         " '--json'])\n"
         "attention(['--sessions', '1', '--fills', '1', '--reps', '1', '--json'])\n"

@@ -33,6 +33,7 @@ from .helpers import (
     browser,
     choose,
     free_port,
+    without_torch,
 )
 
 REPLICA = "ServeReplica:personaplex:EngineReplica"  # the title Ray gives a replica's process
@@ -173,8 +174,8 @@ def test_a_killed_replica_ends_its_call_and_the_next_calls_are_served(cluster):
 
 @pytest.fixture(scope="module")
 def front(cluster):
-    """The page with no model of its own, every call sent to the cluster."""
-    app = RunningApp("--engine-url", cluster.url, model=False)
+    """The page with no model of its own, every call sent to the cluster, in a Python without torch."""
+    app = RunningApp("--engine-url", cluster.url, model=False, env=without_torch())
     try:
         app.wait_ready(marker="ready: the engine cluster")
         yield app
@@ -229,7 +230,7 @@ def test_the_page_in_front_in_a_browser_a_custom_voice_a_call_its_captions_and_i
 
 
 def test_two_pages_in_front_share_the_cluster(cluster, front, client, speech):
-    other = RunningApp("--engine-url", cluster.url, model=False)
+    other = RunningApp("--engine-url", cluster.url, model=False, env=without_torch())
     try:
         other.wait_ready(marker="ready: the engine cluster")
 

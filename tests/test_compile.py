@@ -11,10 +11,8 @@ import pytest
 import torch
 
 from benchmarks.ops import count_tick, kernel_profile
-from personaplex.model import generate
 from personaplex.model import transformer as transformer_module
-from personaplex.model.config import FRAME_SIZE
-from personaplex.model.sampling import SamplingParams
+from personaplex.model.config import FRAME_SIZE, SamplingParams
 from personaplex.runtime import batch_graphs
 from personaplex.runtime.engine import Engine
 
@@ -81,7 +79,7 @@ def test_a_failed_compile_leaves_an_eager_engine_that_says_why(models, monkeypat
             raise RuntimeError("no C++ compiler")
         return run
 
-    monkeypatch.setattr(generate.torch, "compile", broken)
+    monkeypatch.setattr(batch_graphs.torch, "compile", broken)
     engine = Engine(models, num_slots=1, compile=True)
     assert not engine.compiled and "no C++ compiler" in (engine.compile_failed or "")
     assert "no C++ compiler" in (engine.prefix_attention_failed or "")  # tried again without flex attention first
@@ -105,13 +103,12 @@ def test_a_failing_flex_kernel_leaves_a_compiled_engine_with_masked_attention(mo
     try:
         assert engine.compiled and engine.compile_failed is None and engine.every_batch_failed is None
         assert "no flex kernel" in (engine.prefix_attention_failed or "")
-        assert sorted(compiled) == ["_heads", "_run_layer", "_run_layer", "decode", "encode"]  # only the layers again
-        assert models.lm.transformer.prefix_attention is False
+        assert sorted(compiled) == ["decode", "encode", "heads", "run_layer", "run_layer"]  # only the layers again
+        assert not engine.prefix_attention
         engine.start(0, engine.prompt(engine.voice("TESTV0"), ROLE), SamplingParams(greedy=True))
         assert engine.step(torch.zeros(2, FRAME_SIZE)).tokens.shape[0] == 2
     finally:
         engine.compile_steps(False)
-        models.lm.transformer.prefix_attention = None
 
 
 def test_when_one_graph_for_every_bucket_fails_each_bucket_gets_its_own(models, monkeypatch):

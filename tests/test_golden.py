@@ -5,10 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex.model.config import FRAME_SIZE
-from personaplex.model.sampling import SamplingParams
+from personaplex.model.config import FRAME_SIZE, SamplingParams
 from personaplex.model.streaming import streaming
-from personaplex.model.text import encode_role, piece_text
+from personaplex.model.text import Words, encode_role
 from personaplex.runtime.engine import Engine
 
 from .helpers import CHECKPOINT
@@ -106,7 +105,7 @@ def test_session_matches_reference(models, expected, expected_json, voice_file, 
     # Each returned frame is complete one step late: its user rows are the previous input frame.
     assert torch.equal(tokens[9:, 1:], expected["session_user_codes"][:, :-1])
     torch.testing.assert_close(pcm, expected[f"{key}_pcm"], atol=PCM_TOL, rtol=0)
-    said = [piece_text(int(t), models.tokenizer) for t in tokens[0]]
+    said = [Words(models.tokenizer).piece(int(t)) for t in tokens[0]]
     assert [p for p in said if p] == expected_json["session_text_pieces"]
 
 

@@ -6,9 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from personaplex.model.config import TINY
+from personaplex.model.config import TINY, SamplingParams
 from personaplex.model.loading import load_models, resolve_checkpoint
-from personaplex.model.sampling import SamplingParams
 from personaplex.runtime.engine import Engine
 
 from .helpers import CHECKPOINT, user_audio

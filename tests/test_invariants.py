@@ -10,10 +10,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from personaplex.model.config import FRAME_SIZE
+from personaplex.model.config import FRAME_SIZE, SamplingParams
 from personaplex.model.lm import LMModel
 from personaplex.model.loading import load_strict
-from personaplex.model.sampling import SamplingParams
 from personaplex.model.streaming import reset_slots, slot_mask, streaming
 from personaplex.runtime.engine import Engine
 
@@ -127,10 +126,10 @@ def whole_depformer_logits(lm: LMModel, h: torch.Tensor, inputs: list[torch.Tens
     for layer in lm.depformer.layers:
         attn = layer.self_attn
         y = layer.norm1(x)
-        qkv = torch.stack([y[:, s] @ attn.in_proj_weight.view(attn.steps, 3 * D, D)[s].T for s in range(S)], 1)
+        qkv = torch.stack([attn.in_projs[s](y[:, s]) for s in range(S)], 1)
         q, k, v = qkv.view(B, S, 3, attn.num_heads, -1).permute(2, 0, 3, 1, 4)
         o = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(B, S, D)
-        x = x + torch.stack([o[:, s] @ attn.out_proj.weight.view(attn.steps, D, D)[s].T for s in range(S)], 1)
+        x = x + torch.stack([attn.out_projs[s](o[:, s]) for s in range(S)], 1)
         y = layer.norm2(x)
         x = x + torch.stack([layer.gating[s](y[:, s]) for s in range(S)], 1)
     return torch.stack([lm.linears[s](x[:, s]) for s in range(S)], 1)
@@ -257,7 +256,7 @@ def test_a_prefill_in_pieces_leaves_the_state_one_prefill_leaves_and_other_slots
 
     engine = Engine(models, num_slots=2)  # takes over the models' streaming state
     engine.start(0, engine.prompt(engine.voice("TESTV0"), ""), sampling)
-    pieces = engine.start_pieces(1, engine.plan(engine.prompt(engine.voice("TESTV0"), role)), sampling, frames=7)
+    pieces = engine.start_pieces(1, engine.prepare(engine.prompt(engine.voice("TESTV0"), role)), sampling, frames=7)
     got_0, ticks = [], iter(audio_0)
     while True:  # a tick (slot 1 hears silence meanwhile), then a piece, until the prefill is done
         got_0.append(engine.step(torch.stack([next(ticks), torch.zeros(FRAME_SIZE)])).tokens[0])

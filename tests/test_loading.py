@@ -25,10 +25,10 @@ from personaplex.model.loading import (
     build_lm,
     build_mimi,
     extract_voices,
-    list_voices,
     load_tokenizer,
     load_voice_embeddings,
     resolve_checkpoint,
+    voice_files,
 )
 
 from .helpers import CHECKPOINT, copy_checkpoint
@@ -146,7 +146,7 @@ def test_voices_archive_is_extracted_once_and_safely(tmp_path, monkeypatch):
     folder = extract_voices(archive)
     assert sorted(p.name for p in folder.iterdir()) == ["NATF0.pt", "VARM1.pt"]
     assert not list(tmp_path.rglob("evil*"))
-    assert list_voices(folder).keys() == {"NATF0", "VARM1"}
+    assert voice_files(folder).keys() == {"NATF0", "VARM1"}
     marker = folder.parent / ".complete"
     stamp = marker.stat().st_mtime_ns
     assert extract_voices(archive) == folder and marker.stat().st_mtime_ns == stamp
@@ -169,11 +169,11 @@ def test_voices_archive_in_a_checkpoint_folder(tmp_path, monkeypatch):
         p.unlink()
     (folder / "voices").rmdir()
     make_tgz(folder / "voices.tgz", {"voices/TESTV0.pt": pt})
-    assert list_voices(resolve_checkpoint(folder).voices).keys() == {"TESTV0"}
+    assert voice_files(resolve_checkpoint(folder).voices).keys() == {"TESTV0"}
 
 
 def test_pt_voice_prefers_over_audio_and_loads_weights_only(tmp_path):
-    assert list_voices(CHECKPOINT / "voices") == {"TESTV0": CHECKPOINT / "voices" / "TESTV0.pt"}
+    assert voice_files(CHECKPOINT / "voices") == {"TESTV0": CHECKPOINT / "voices" / "TESTV0.pt"}
     voice = load_voice_embeddings(CHECKPOINT / "voices" / "TESTV0.pt", TINY)
     assert voice.num_frames == 20 and voice.embeddings.shape == (19, 32)
 

@@ -7,7 +7,7 @@ import torch
 
 from personaplex.model.config import SILENCE_TOKENS, SINE_TOKENS, TEXT_PAD_ID, TINY
 from personaplex.model.persona import PromptError, VoicePrompt, build_prompt
-from personaplex.model.text import encode_role, piece_label, wrap_with_system_tags
+from personaplex.model.text import Words, encode_role, wrap_with_system_tags
 
 
 def test_prompt_frames_are_voice_silence_text_silence():
@@ -37,8 +37,9 @@ def test_odd_unicode_is_tokenised_as_is(models):
 
 
 def test_labels_match_the_reference_json(models):
-    assert piece_label(3, models.tokenizer) == "PAD" and piece_label(0, models.tokenizer) == "EPAD"
-    assert piece_label(models.tokenizer.piece_to_id("▁re"), models.tokenizer) == " re"
+    words = Words(models.tokenizer)
+    assert words.label(3) == "PAD" and words.label(0) == "EPAD"
+    assert words.label(models.tokenizer.piece_to_id("▁re")) == " re"
 
 
 def test_malformed_voices_are_refused():

@@ -9,10 +9,9 @@ import math
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from personaplex.model.config import SamplingParams
 from personaplex.model.lm import LMModel
-from personaplex.model.sampling import SamplingParams
 from personaplex.model.streaming import streaming
 from personaplex.model.transformer import OffsetState
 from personaplex.runtime.engine import Engine
@@ -42,7 +41,7 @@ def reference_forward(lm: LMModel, x: torch.Tensor, pinned: int) -> torch.Tensor
     for layer in stack.layers:
         attn = layer.self_attn
         h = layer.norm1(x[None])[0]
-        q, k, v = F.linear(h, attn.in_proj_weight).view(len(x), 3, heads, -1).unbind(1)  # [T, H, Dh]
+        q, k, v = attn.in_proj(h).view(len(x), 3, heads, -1).unbind(1)  # [T, H, Dh]
         outs = []
         for p in range(len(x)):
             shift = max(0, p - (context - 1)) if pinned else 0

@@ -11,9 +11,11 @@ import torch
 
 from benchmarks.attention import masked
 from personaplex.model.attention import BLOCK, prefix_attention, prefix_mask
-from personaplex.model.config import FRAME_SIZE
-from personaplex.model.sampling import SamplingParams
+from personaplex.model.config import FRAME_SIZE, SamplingParams
 from personaplex.model.streaming import reset_slots, streaming
+from personaplex.model.transformer import LayerRunner, run_layer
+from personaplex.runtime.batch_graphs import compile_piece
+from personaplex.runtime.compiled import prefix_route
 from personaplex.runtime.engine import Engine
 
 from .test_invariants import random_tokens, small_context_lm
@@ -58,9 +60,9 @@ def test_compiled_the_prefix_route_equals_masked_attention_at_every_length():
         torch.testing.assert_close(out, masked(q, None, keys, values, lengths), atol=1e-5, rtol=0)
 
 
-def stream(lm, tokens: torch.Tensor, pinned: list[int], restart: int) -> torch.Tensor:
-    """Step tokens [B, 17, T] one at a time; slot b pins its first pinned[b] steps; slot 1
-    starts over at step `restart`, so the slots' rings are of different ages."""
+def stream(lm, tokens: torch.Tensor, pinned: list[int], restart: int, layer: LayerRunner = run_layer) -> torch.Tensor:
+    """Step tokens [B, 17, T] one at a time (each layer run by `layer`); slot b pins its first
+    pinned[b] steps; slot 1 starts over at step `restart`, so the slots' rings are of different ages."""
     B, _, T = tokens.shape
     with streaming(lm, B):
         state = lm.transformer.state
@@ -71,7 +73,7 @@ def stream(lm, tokens: torch.Tensor, pinned: list[int], restart: int) -> torch.T
             for b, p in enumerate(pinned):
                 if state.offset[b] == p:
                     state.pinned[b] = p
-            out.append(lm.forward_embeddings(lm.embed(tokens[..., t : t + 1])))
+            out.append(lm.forward_embeddings(lm.embed(tokens[..., t : t + 1]), layer))
         return torch.cat(out, dim=1)
 
 
@@ -91,24 +93,18 @@ def test_the_lm_stepped_on_the_prefix_route_equals_the_masked_route(pinning):
 
 
 def test_the_route_is_the_compiled_lms_and_not_mimis_nor_pinned_slots_compiled_on_a_cpu(models):
-    """Mimi's ring holds two encoder steps a call (`capacity > context`): not a prefix."""
-    cpu = torch.device("cpu")
-    lm, mimi = models.lm.transformer, models.mimi.encoder_transformer.transformer
-    before = lm.pinning, lm.prefix_attention  # as the last engine made on these models left them
-    lm.pinning, lm.prefix_attention = False, None
-    assert not lm.attends_prefix(cpu)  # eager: the masked path is faster
+    """Mimi's ring holds two encoder steps a call (`capacity > context`): never a prefix."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert not prefix_route(None, compiling=False, pinning=False, device=cpu)  # eager: the masked path is faster
+    assert prefix_route(None, compiling=True, pinning=False, device=cpu) and prefix_route(None, True, True, cuda)
+    assert not prefix_route(None, compiling=True, pinning=True, device=cpu)  # no log-sum-exp from the CPU kernel
+    assert not prefix_route(False, compiling=True, pinning=False, device=cuda) and prefix_route(True, False, False, cpu)
+    mimi = models.mimi.encoder_transformer.transformer
+    mimi.prefix_attention = True
     try:
-        for stack in (lm, mimi):
-            stack.compile_steps(True)
-        assert lm.attends_prefix(cpu) and lm.attends_prefix(torch.device("cuda")) and not mimi.attends_prefix(cpu)
-        lm.pinning = True
-        assert not lm.attends_prefix(cpu) and lm.attends_prefix(torch.device("cuda"))
-        lm.prefix_attention = False
-        assert not lm.attends_prefix(torch.device("cuda"))
+        assert not mimi._attends_prefix(torch.zeros(1, 1, 4))
     finally:
-        lm.pinning, lm.prefix_attention = before
-        for stack in (lm, mimi):
-            stack.compile_steps(False)
+        mimi.prefix_attention = False
 
 
 @torch.inference_mode()
@@ -117,15 +113,12 @@ def test_the_compiled_lm_steps_on_the_prefix_route_with_one_graph_and_equals_the
     lm = small_context_lm(context)
     tokens = torch.cat([random_tokens(lm.cfg, context + 40, seed=s) for s in (8, 9)])
     plain = stream(lm, tokens, [0, 0], restart=60)
-    lm.transformer.compile_steps(True)
-    try:
-        assert lm.transformer.attends_prefix(torch.device("cpu"))
-        with streaming(lm, 2):
-            lm.forward_embeddings(lm.embed(tokens[..., :1]))  # compiles
-        with torch._dynamo.config.patch(error_on_recompile=True):
-            compiled = stream(lm, tokens, [0, 0], restart=60)
-    finally:
-        lm.transformer.compile_steps(False)
+    lm.transformer.prefix_attention = True
+    layer = compile_piece(run_layer, every_batch=False)
+    with streaming(lm, 2):
+        lm.forward_embeddings(lm.embed(tokens[..., :1]), layer)  # compiles
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        compiled = stream(lm, tokens, [0, 0], restart=60, layer=layer)
     torch.testing.assert_close(compiled, plain, atol=1e-5, rtol=0)
 
 

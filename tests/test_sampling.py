@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from personaplex.errors import SettingsError
-from personaplex.model.sampling import MAX_TOP_K, SEED_MAX, SamplingParams, race_noise, sample_tokens, stream_keys
+from personaplex.model.config import MAX_TOP_K, SEED_MAX, SamplingParams
+from personaplex.model.sampling import race_noise, sample_tokens, stream_keys
 
 LOGITS = torch.tensor([2.0, 1.0, 0.5, 0.0, -1.0, -3.0])
 

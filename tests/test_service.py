@@ -6,8 +6,10 @@ import pytest
 import torch
 
 from personaplex.model.loading import CheckpointError
+from personaplex.runtime import capacity
 from personaplex.serve import service as service_module
-from personaplex.serve.service import Service, Settings, State
+from personaplex.serve.contract import CallSettings, State
+from personaplex.serve.service import Service, Settings
 
 from .helpers import CHECKPOINT, TINY_CONFIG
 
@@ -60,7 +62,6 @@ def test_the_tiny_model_comes_up_ready():
 
 
 def test_a_voice_stored_as_audio_is_encoded_on_the_engine_thread(tmp_path):
-    from personaplex.model.sampling import SamplingParams
     from personaplex.runtime.session import Phase, Session
 
     from .helpers import copy_checkpoint
@@ -81,7 +82,7 @@ def test_a_voice_stored_as_audio_is_encoded_on_the_engine_thread(tmp_path):
 
         svc.engine.voice = spy
         session = Session()
-        svc.start_call(session, "TESTV0", "", SamplingParams())
+        svc.start_call(session, CallSettings("TESTV0", ""))
         assert session.phase in (Phase.STARTING, Phase.LIVE) and session.ending is None
         assert engine_threads == ["personaplex-engine"]
         session.end("stopped", "bye")
@@ -90,18 +91,18 @@ def test_a_voice_stored_as_audio_is_encoded_on_the_engine_thread(tmp_path):
 
 
 def test_by_default_it_takes_no_more_calls_than_one_tick_serves_in_time(monkeypatch):
+    from personaplex.errors import Busy
     from personaplex.runtime.session import Session
-    from personaplex.runtime.worker import Busy
 
-    monkeypatch.setattr(service_module, "MAX_TICK_MS", 1e-6)  # every bucket too slow: down to one call
+    monkeypatch.setattr(capacity, "MAX_TICK_MS", 1e-6)  # every bucket too slow: down to one call
     svc = Service(Settings(checkpoint=str(CHECKPOINT), config=str(TINY_CONFIG), device="cpu"))
     svc.start()
     assert svc.wait_ready(60).ready and svc.engine.num_slots == 4 and svc.worker.max_live == 1
     assert svc.figures().slots == 1 and "with 1 conversation slot;" in svc.status.message
     first = Session()
-    svc.start_call(first, "TESTV0", "", service_module.SamplingParams())
+    svc.start_call(first, CallSettings("TESTV0", ""))
     with pytest.raises(Busy, match="the one conversation slot is in use"):
-        svc.start_call(Session(), "TESTV0", "", service_module.SamplingParams())
+        svc.start_call(Session(), CallSettings("TESTV0", ""))
     first.end("stopped", "bye")
     svc.worker.stop()
 
@@ -113,7 +114,7 @@ def test_offline_runs_take_a_share_of_the_slots_and_say_when_they_wait():
 
     import numpy as np
 
-    from personaplex.model.sampling import SamplingParams
+    from personaplex.model.config import SamplingParams
     from personaplex.runtime.session import Session
 
     from .helpers import noise_pcm, start_tiny_service
@@ -123,7 +124,7 @@ def test_offline_runs_take_a_share_of_the_slots_and_say_when_they_wait():
     said, results = [], []
 
     def run(name: str) -> None:
-        results.append((name, svc.run_offline("TESTV0", "", SamplingParams(seed=1), user, waiting=said.append)))
+        results.append((name, svc.run_offline(CallSettings("TESTV0", "", SamplingParams(seed=1)), user, waiting=said.append)))
 
     try:
         first = threading.Thread(target=run, args=("first",))
@@ -134,7 +135,7 @@ def test_offline_runs_take_a_share_of_the_slots_and_say_when_they_wait():
         second.start()
         calls = [Session() for _ in range(3)]
         for call in calls:  # the three other slots are the live calls'
-            svc.start_call(call, "TESTV0", "", SamplingParams(seed=2))
+            svc.start_call(call, CallSettings("TESTV0", "", SamplingParams(seed=2)))
         busy_meanwhile = svc.worker.live_sessions
         for call in calls:
             call.end("stopped", "done")

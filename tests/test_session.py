@@ -40,10 +40,20 @@ class FakeWorker:
         self.rings += 1
 
 
+class NamedIds:
+    """Text ids read as " w<id>"."""
+
+    def caption(self, text_id: int) -> str:
+        return f" w{text_id}"
+
+    def piece(self, text_id: int) -> str:
+        return f" w{text_id}"
+
+
 def live_session(limits: Limits = REALTIME) -> tuple[Session, Clock, FakeWorker]:
     clock, worker = Clock(), FakeWorker()
     session = Session(limits, clock=clock)
-    session.describe = lambda text_id: f" w{text_id}"
+    session.words = NamedIds()
     worker.bind(session)
     session.port.go_live(worker.grid)
     return session, clock, worker

@@ -8,7 +8,7 @@ import asyncio
 import json
 from pathlib import Path
 
-from web.limits import MB, Limits, RequestLimits, UploadBudget, client_of
+from web.limits import MB, RequestLimits, RequestSizes, UploadBudget, client_of
 
 
 class Inner:
@@ -61,7 +61,7 @@ def request(middleware, path: str, body: bytes, length: int | None = None, clien
 
 def middleware(tmp_path: Path, **limits) -> tuple[RequestLimits, Inner]:
     inner = Inner()
-    return RequestLimits(inner, Limits(**{"disk_reserve": 0, **limits}), lambda: tmp_path), inner
+    return RequestLimits(inner, RequestSizes(**{"disk_reserve": 0, **limits}), lambda: tmp_path), inner
 
 
 def test_a_small_request_passes_untouched(tmp_path):

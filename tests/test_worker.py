@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from personaplex.model.config import FRAME_SIZE
-from personaplex.model.sampling import SamplingParams
+from personaplex.errors import Busy
+from personaplex.model.config import FRAME_SIZE, SamplingParams
 from personaplex.runtime.engine import Engine
 from personaplex.runtime.session import OFFLINE, REALTIME, Limits, Phase, Session
-from personaplex.runtime.worker import Busy, EngineWorker
+from personaplex.runtime.worker import EngineWorker
 
 from .helpers import user_audio
 
@@ -30,10 +30,20 @@ def persona(engine: Engine, role: str):
     return engine.prompt(engine.voice("TESTV0"), role)
 
 
+class TextIds:
+    """Text ids read as their numbers."""
+
+    def caption(self, text_id: int) -> str:
+        return str(text_id)
+
+    def piece(self, text_id: int) -> str:
+        return str(text_id)
+
+
 def open_session(worker: EngineWorker, role: str = "", limits: Limits = REALTIME, sampling: SamplingParams | None = None) -> Session:
     session = Session(limits)
-    session.describe = str
-    worker.open(session.port, worker.engine.plan(persona(worker.engine, role)), sampling or SamplingParams(greedy=True))
+    session.words = TextIds()
+    worker.open(session.port, worker.engine.prepare(persona(worker.engine, role)), sampling or SamplingParams(greedy=True))
     return session
 
 
@@ -150,7 +160,7 @@ def test_a_bad_prompt_is_refused_before_it_takes_a_slot(worker):
     empty = persona(worker.engine, "")
     empty = type(empty)(tokens=empty.tokens[:, :0])  # a prompt without frames cannot start
     with pytest.raises(PromptError, match="a prompt needs 2 to"):
-        worker.open(Session().port, worker.engine.plan(empty), SamplingParams())
+        worker.open(Session().port, worker.engine.prepare(empty), SamplingParams())
     assert worker.live_sessions == 0
 
 

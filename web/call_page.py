@@ -20,10 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from personaplex.model.config import FRAME_S
-from personaplex.runtime.session import Ending, Phase, Session
 from personaplex.runtime.transcript import MODEL, Transcript, clock_text
-from web.health import BEHIND_TICK_MS, CallView, Memory, Verdict, memory
+from personaplex.serve.contract import BEHIND_TICK_MS, FRAME_S, Ending, Phase, Session
+from web.health import CallView, Memory, Verdict, memory
 
 MESSAGE_TYPE = "personaplex"  # fastrtc's page leaves messages of other types alone
 SCRIPT = Path(__file__).with_name("call_page.js")

@@ -18,11 +18,9 @@ import enum
 from collections import deque
 from dataclasses import dataclass, field
 
-from personaplex.model.config import FRAME_S
 from personaplex.runtime.audio import SILENT_DB, SPEECH_DB, level_db
-from personaplex.runtime.framing import BEHIND_TICK_MS
-from personaplex.runtime.session import Output, SessionStats
 from personaplex.runtime.transcript import Transcript, clock_text
+from personaplex.serve.contract import BEHIND_TICK_MS, FRAME_S, Output, SessionStats
 
 MEMORY_WARNING_S = 30.0  # before the model's window is full
 

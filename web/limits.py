@@ -42,7 +42,7 @@ DRAIN_BYTES = 128 * MB  # of a refused body, read and dropped so that the client
 
 
 @dataclass(frozen=True)
-class Limits:
+class RequestSizes:
     json_bytes: int = 256 * 1024  # an event's values: the role prompt is 1000 characters
     upload_bytes: int = 200 * MB  # per client and window: two long recordings for the offline tab
     window_s: float = 600.0
@@ -90,7 +90,7 @@ class UploadBudget:
 class RequestLimits:
     """The ASGI middleware (see the module docstring). `upload_dir` says where uploads land."""
 
-    def __init__(self, app: ASGIApp, limits: Limits, upload_dir: Callable[[], Path]) -> None:
+    def __init__(self, app: ASGIApp, limits: RequestSizes, upload_dir: Callable[[], Path]) -> None:
         self.app = app
         self.limits = limits
         self.upload_dir = upload_dir

@@ -1,4 +1,8 @@
-"""Attention over the filled part of each slot's ring only (the LM's one-step tick).
+"""Attention over a slot's ring: pinned keys scored with their own query, and the filled part only.
+
+Implements `pinned_attention` (the masked ring with a pinned prompt: pinned keys are scored with
+the query placed for them, the others with its own position; see `transformer`), `prefix_mask`
+and `prefix_attention` (the LM's one-step tick reading only each slot's filled entries, below).
 
 In the LM's ring (one step a call, `capacity == context`) the keys a query may see are always
 the first `min(offset + 1, context)` entries, pinned or not: until the ring is full, entry i
@@ -12,10 +16,11 @@ CUDA graph replays it.
 With a pinned persona (`Transformer.pinning`) the pinned keys are scored with their own query
 rotation: the two queries are two rows of one flex attention (row 0 sees the pinned keys, row 1
 the sliding ones), merged by their log-sum-exp. That needs the kernel's log-sum-exp, which
-Inductor's CPU template does not give: compiled on a CPU, pinned attention keeps the masked path.
+Inductor's CPU template does not give (so compiled on a CPU, pinned attention should keep the
+masked path).
 
 Flex attention is a fused kernel only compiled; eagerly it materialises every score, slower than
-the masked path, so the transformer takes this route only for its compiled layers (and tests).
+the masked path: the route is a switch (`Transformer.prefix_attention`), for whoever compiles.
 """
 
 from __future__ import annotations
@@ -67,3 +72,15 @@ def prefix_attention(q: torch.Tensor, q_pinned: torch.Tensor | None, keys: torch
     # are the softmax over both (a row without keys has lse -inf: weight 0).
     weights = torch.softmax(aux.lse, dim=-1)  # [B, H, 2] float32
     return (rows.float() * weights[..., None]).sum(2, keepdim=True).to(q.dtype)
+
+
+def pinned_attention(q: torch.Tensor, q_pinned: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
+                     mask: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
+    """Attention where pinned keys are scored with `q_pinned` and the others with `q` (both
+    [B, H, T, Dh]; keys, values [B, H, S, Dh]; mask and pinned [B, 1, T or 1, S] bool). Both
+    queries go through one matmul, so the keys are read once; softmax in float32."""
+    T = q.shape[2]
+    both = torch.cat([q_pinned, q], dim=2) @ keys.transpose(-1, -2)  # [B, H, 2T, S]
+    scores = torch.where(pinned, both[:, :, :T], both[:, :, T:]).float() * q.shape[-1] ** -0.5
+    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
+    return probs.to(values.dtype) @ values

@@ -15,11 +15,12 @@ by the JSON loader, which refuses any other value with a message naming the key.
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ..errors import UserError
+from ..errors import SettingsError, UserError
 
 # --- audio -------------------------------------------------------------------------------
 # One frame is one LM step: every length in frames, ticks and calls is counted in these.
@@ -46,6 +47,56 @@ DEFAULT_TEXT_PROMPT = (
     "You are a wise and friendly teacher. "
     "Answer questions or provide advice in a clear and engaging way."
 )
+
+
+# --- sampling ------------------------------------------------------------------------------
+# Largest top-k: sampling looks at this many candidates, whatever each slot's own k (a static
+# shape, cheaper than sorting the vocabulary, and fixed for CUDA graphs).
+MAX_TOP_K = {"text": 100, "audio": 500}
+
+
+MAX_TEMPERATURE = 10.0
+SEED_MAX = 2**32 - 1  # the noise hash reads 32 bits of the seed: larger seeds would repeat smaller ones
+
+
+def random_seed() -> int:
+    return int.from_bytes(os.urandom(4), "little")
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-conversation decoding settings; the defaults are the reference's. Out-of-range or
+    wrongly typed values raise `SettingsError` (they may come from a client). A top-k of 0
+    ("no limit" in the reference) is not offered: at most `MAX_TOP_K` candidates."""
+
+    temp_text: float = 0.7
+    topk_text: int = 25
+    temp_audio: float = 0.8
+    topk_audio: int = 250
+    greedy: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("temp_text", "temp_audio"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= MAX_TEMPERATURE:
+                raise SettingsError(f"{name} must be a number from 0 to {MAX_TEMPERATURE:g}, got {value!r}")
+        for name, kind in (("topk_text", "text"), ("topk_audio", "audio")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K[kind]:
+                raise SettingsError(f"{name} must be a whole number from 1 to {MAX_TOP_K[kind]}, got {value!r}")
+        if not isinstance(self.greedy, bool):
+            raise SettingsError(f"greedy must be true or false, got {self.greedy!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
+            raise SettingsError(f"the seed must be a whole number from 0 to {SEED_MAX}, got {self.seed!r}")
+
+    @property
+    def text_temperature(self) -> float:
+        return 0.0 if self.greedy else self.temp_text
+
+    @property
+    def audio_temperature(self) -> float:
+        return 0.0 if self.greedy else self.temp_audio
 
 
 @dataclass(frozen=True)

@@ -6,8 +6,9 @@ Implements the PersonaPlex step of the reference's `LMGen` for a batch of indepe
     sampled fills the target column where nothing was given;
   * `step(user_codes)`: one live frame -> `StepOutput` (text, agent and user tokens of one
     complete undelayed frame); `step_forced(frame)`: one prompt frame, everything given;
-  * `prefill(plan)`: a whole prompt in one causal forward (see `plan_prompt`), or in pieces
-    (`prefill_pieces`) that leave exactly the same state;
+  * `prefill_pieces(prepared, frames)`: a whole prompt (see `prepare_prompt`) as causal forwards
+    of any number of frames each, which leave exactly the state stepping leaves;
+  * what the runtime asks of the attention window: `pin_prompt`, `park`, `fill_windows`;
   * per-slot sampling settings and random streams (`set_sampling`).
 
 Frame timing (REFERENCE_SPEC 4.3): the transformer at offset o reads ring column o-1 and
@@ -20,16 +21,16 @@ the first prompt frame. Offsets are per-slot tensors: slots join and leave indep
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
 
-from ..runtime.batch_graphs import compile_piece
-from .config import CODES_PER_STREAM, UNGENERATED_ID, LMConfig
+from .config import CODES_PER_STREAM, MAX_TOP_K, UNGENERATED_ID, LMConfig, SamplingParams
 from .lm import LMModel
-from .sampling import MAX_TOP_K, SamplingParams, race_noise, sample_tokens, stream_keys
+from .sampling import race_noise, sample_tokens, stream_keys
 from .streaming import StreamingModule, StreamingState
+from .transformer import LayerRunner, OffsetState, run_layer
 
 RING_SIZE = 4  # max delay (1) + 3, as in the reference: every slot is rewritten before it is read
 
@@ -144,8 +145,8 @@ class PromptFrames:
 
 
 @dataclass(frozen=True)
-class PromptPlan:
-    """A prompt prepared for `LMGen.prefill`: the transformer inputs and the ring afterwards."""
+class PreparedPrompt:
+    """A prompt prepared for `LMGen.prefill_pieces`: the transformer inputs and the ring afterwards."""
 
     inputs: torch.Tensor  # [17, F - 1] token columns the transformer reads, frames 1..F-1
     embeddings: torch.Tensor | None  # [N - 1, dim] replace the first N - 1 inputs (.pt voices)
@@ -154,23 +155,37 @@ class PromptPlan:
     offset: int
 
 
+Heads = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
 class LMGen(StreamingModule):
-    def __init__(self, lm: LMModel, depformer_steps: int = CODES_PER_STREAM) -> None:
+    """The LM's streaming generation over a batch of slots; what the runtime asks of the LM.
+
+    `pinning`: slots may keep their system prompt in the attention window for the whole
+    conversation (`pin_prompt`; see `transformer`). `prefix_attention`: one-step calls read only
+    each slot's filled ring entries (flex attention, fast when compiled) instead of the masked
+    ring. Both only choose how the same attention is computed; the outputs are the same."""
+
+    def __init__(self, lm: LMModel, depformer_steps: int = CODES_PER_STREAM, pinning: bool = False) -> None:
         super().__init__()
         assert 1 <= depformer_steps <= lm.cfg.dep_q
         assert max(lm.cfg.text_card, lm.cfg.card) <= 1 << 16, "the noise hash takes token ids below 2**16"
         self.lm = lm
         self.depformer_steps = depformer_steps
         self.register_buffer("delays", torch.tensor(lm.cfg.delays, device=lm.device), persistent=False)
-        self._run_heads = self._heads
-        self.compiled = False
+        lm.transformer.pinning = pinning
+        lm.transformer.prefix_attention = False
 
-    def compile_steps(self, on: bool = True, every_batch: bool = False) -> None:
-        """Run the text sampling and the depformer of a live step (`_heads`) as one graph of
-        `torch.compile` (`compile_piece`), and `Transformer.compile_steps` for the temporal layers."""
-        self.lm.transformer.compile_steps(on, every_batch)
-        self._run_heads = compile_piece(self._heads, every_batch) if on else self._heads
-        self.compiled = on
+    @property
+    def pinning(self) -> bool:
+        return self.lm.transformer.pinning
+
+    @property
+    def prefix_attention(self) -> bool:
+        return self.lm.transformer.prefix_attention
+
+    def use_prefix_attention(self, on: bool) -> None:
+        self.lm.transformer.prefix_attention = on
 
     def make_state(self, batch_size: int) -> RingState:
         return new_ring_state(self.lm.cfg, batch_size, self.lm.device)
@@ -190,9 +205,40 @@ class LMGen(StreamingModule):
         ring.top_k.copy_(torch.where(m, ks, ring.top_k))
         ring.seed.copy_(torch.where(mask, params.seed, ring.seed))
 
+    # --- the attention window -----------------------------------------------------------
+    def pin_prompt(self, keep: bool) -> None:
+        """Right after a prompt, in the state of one slot: keep the steps so far in the window for
+        the whole conversation (`keep`, an LMGen with `pinning`), or let them slide out."""
+        assert not keep or self.pinning, "keeping the persona needs an LMGen made with pinning=True"
+        state = self._offsets()
+        state.pinned.copy_(state.offset if keep else torch.zeros_like(state.offset))
+
+    def park(self, mask: torch.Tensor) -> None:
+        """The slots of `mask` hold no conversation but may still step in a batch: their window
+        stays empty (each step overwrites entry 0) until their next reset."""
+        self._offsets().park(mask)
+
+    def fill_windows(self) -> None:
+        """Every slot's window full, as after four minutes of talk: the worst case of a step's
+        attention, to measure (the slots must be reset afterwards)."""
+        state = self._offsets()
+        state.advance.fill_(1)
+        state.offset.fill_(self.lm.transformer.context)
+
+    def window_lengths(self) -> torch.Tensor:
+        """[B] the ring entries each slot's next one-step call reads."""
+        return self.lm.transformer.next_read()
+
+    def _offsets(self) -> OffsetState:
+        state = self.lm.transformer.state
+        assert isinstance(state, OffsetState), "use LMGen inside streaming(lm_gen, batch_size)"
+        return state
+
     # --- steps --------------------------------------------------------------------------
-    def step(self, user_codes: torch.Tensor) -> StepOutput:
-        """One live frame. user_codes [B, 8] -> the frame completed at this step."""
+    def step(self, user_codes: torch.Tensor, layer: LayerRunner = run_layer, heads: Heads | None = None) -> StepOutput:
+        """One live frame. user_codes [B, 8] -> the frame completed at this step. `layer` runs each
+        temporal layer and `heads` (default `self.heads`) the text and depformer: the runtime may
+        give compiled versions of them."""
         lm = self.lm
         B = user_codes.shape[0]
         assert user_codes.shape == (B, CODES_PER_STREAM), f"expected [B, 8] user codes, got {tuple(user_codes.shape)}"
@@ -200,9 +246,9 @@ class LMGen(StreamingModule):
         inputs, target, provided = ring_prepare(self.ring, self.delays, user_codes)
         keys = stream_keys(self.ring.seed, self.ring.offset, 1 + self.depformer_steps)  # [B, streams]: the step's noise keys
         # 2. temporal transformer on one column
-        h = lm.forward_embeddings(lm.embed(inputs[:, :, None]))[:, 0]  # [B, dim]
+        h = lm.forward_embeddings(lm.embed(inputs[:, :, None]), layer)[:, 0]  # [B, dim]
         # 3, 4. the text token and the agent's codebooks
-        text, audio = self._run_heads(h, target, provided, keys)
+        text, audio = (heads or self.heads)(h, target, provided, keys)
         # 5. fill, emit, advance (rows past the depformer steps are the user's: always given)
         sampled = torch.cat([text[:, None], audio, target[:, 1 + audio.shape[1] :]], dim=1)
         return ring_commit(self.ring, self.delays, sampled)
@@ -215,8 +261,8 @@ class LMGen(StreamingModule):
         self.lm.forward_embeddings(x)
         ring_commit(self.ring, self.delays, None)
 
-    def _heads(self, h: torch.Tensor, target: torch.Tensor, provided: torch.Tensor,
-               keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def heads(self, h: torch.Tensor, target: torch.Tensor, provided: torch.Tensor,
+              keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The text token, then the depformer over the agent's codebooks, each teacher-forced
         where given: text [B], audio [B, steps]."""
         text = self._sample(self.lm.text_logits(h), keys[:, 0], kind=0)
@@ -261,32 +307,27 @@ class LMGen(StreamingModule):
             if frames.voice_ring is not None and f == frames.voice_frames - 1:
                 self.ring.cache.copy_(frames.voice_ring.to(device).expand(B, -1, -1))
 
-    def prefill(self, plan: PromptPlan) -> None:
-        """Run a whole prompt as one causal forward and leave the ring as stepping would.
-        Use on one slot (`slot_view`) right after its reset."""
-        for _ in self.prefill_pieces(plan, plan.inputs.shape[1]):
-            pass
-
-    def prefill_pieces(self, plan: PromptPlan, frames: int) -> Iterator[None]:
-        """`prefill` as causal forwards of `frames` frames each, yielding after each one but the
-        last (the KV cache makes the pieces exact: each attends over the ones before it)."""
+    def prefill_pieces(self, prepared: PreparedPrompt, frames: int) -> Iterator[None]:
+        """A whole prompt as causal forwards of `frames` frames each, yielding after each one but
+        the last, leaving the ring as stepping would (the KV cache makes the pieces exact: each
+        attends over the ones before it). Use on one slot right after its reset."""
         ring, lm = self.ring, self.lm
-        x = lm.embed(plan.inputs.to(ring.cache.device)[None])  # [1, F - 1, dim]
-        if plan.embeddings is not None:
-            n = plan.embeddings.shape[0]
-            x = torch.cat([plan.embeddings.to(x)[None], x[:, n:]], dim=1)
+        x = lm.embed(prepared.inputs.to(ring.cache.device)[None])  # [1, F - 1, dim]
+        if prepared.embeddings is not None:
+            n = prepared.embeddings.shape[0]
+            x = torch.cat([prepared.embeddings.to(x)[None], x[:, n:]], dim=1)
         pieces = x.split(frames, dim=1)
         for i, piece in enumerate(pieces):
             lm.forward_embeddings(piece.expand(ring.offset.shape[0], -1, -1))
             if i < len(pieces) - 1:
                 yield
-        ring.cache.copy_(plan.cache)
-        ring.provided.copy_(plan.provided)
-        ring.offset.fill_(plan.offset)
+        ring.cache.copy_(prepared.cache)
+        ring.provided.copy_(prepared.provided)
+        ring.offset.fill_(prepared.offset)
 
 
-def plan_prompt(frames: PromptFrames, cfg: LMConfig) -> PromptPlan:
-    """Replay the ring bookkeeping of `run_prompt` on the host (no model) for `LMGen.prefill`."""
+def prepare_prompt(frames: PromptFrames, cfg: LMConfig) -> PreparedPrompt:
+    """Replay the ring bookkeeping of `run_prompt` on the host (no model) for `LMGen.prefill_pieces`."""
     ring = new_ring_state(cfg, 1, torch.device("cpu"))
     delays = torch.tensor(cfg.delays)
     inputs = []
@@ -296,7 +337,7 @@ def plan_prompt(frames: PromptFrames, cfg: LMConfig) -> PromptPlan:
         ring_commit(ring, delays, None)
         if frames.voice_ring is not None and f == frames.voice_frames - 1:
             ring.cache.copy_(frames.voice_ring[None])
-    return PromptPlan(
+    return PreparedPrompt(
         inputs=torch.stack(inputs, dim=1),
         embeddings=frames.embeddings,
         cache=ring.cache[0].clone(),

@@ -21,18 +21,22 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
-from .transformer import GatedMLP, RMSNorm, Transformer
+from .release_names import keep_release_names
+from .transformer import GatedMLP, LayerRunner, RMSNorm, Transformer, run_layer
 
 
 class DepformerAttention(nn.Module):
-    """Self-attention with one weight slice per depformer step (fused as in the checkpoint)."""
+    """Self-attention with its own projections at every depformer step (the release fuses each
+    kind of them into one tensor of every step: `in_proj_weight`, `out_proj.weight`)."""
 
     def __init__(self, dim: int, num_heads: int, steps: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.steps = steps
-        self.in_proj_weight = nn.Parameter(torch.empty(steps * 3 * dim, dim))
-        self.out_proj = nn.Linear(dim, steps * dim, bias=False)
+        self.in_projs = nn.ModuleList(nn.Linear(dim, 3 * dim, bias=False) for _ in range(steps))
+        self.out_projs = nn.ModuleList(nn.Linear(dim, dim, bias=False) for _ in range(steps))
+        keep_release_names(self, {"in_proj_weight": [f"in_projs.{s}.weight" for s in range(steps)],
+                                  "out_proj.weight": [f"out_projs.{s}.weight" for s in range(steps)]})
 
 
 class DepformerLayer(nn.Module):
@@ -108,9 +112,9 @@ class LMModel(nn.Module):
             x = x + self.emb[i](tokens[:, i + 1])
         return x + self.text_emb(tokens[:, 0])  # [B, T, dim]
 
-    def forward_embeddings(self, x: torch.Tensor) -> torch.Tensor:
-        """[B, T, dim] -> h [B, T, dim]: temporal transformer, then `out_norm`."""
-        return self.out_norm(self.transformer(x))
+    def forward_embeddings(self, x: torch.Tensor, run: LayerRunner = run_layer) -> torch.Tensor:
+        """[B, T, dim] -> h [B, T, dim]: temporal transformer (`run` runs each layer), then `out_norm`."""
+        return self.out_norm(self.transformer(x, run))
 
     def text_logits(self, h: torch.Tensor) -> torch.Tensor:
         return self.text_linear(h)
@@ -138,10 +142,8 @@ class LMModel(nn.Module):
         self, attn: DepformerAttention, x: torch.Tensor, step: int, cache: DepformerCache, layer: int
     ) -> torch.Tensor:
         B, _, D = x.shape
-        w_in = attn.in_proj_weight.view(attn.steps, 3 * D, D)[step]
-        qkv = F.linear(x, w_in).view(B, 3, attn.num_heads, 1, -1)  # [B, 3, H, 1, Dh]
+        qkv = attn.in_projs[step](x).view(B, 3, attn.num_heads, 1, -1)  # [B, 3, H, 1, Dh]
         cache.kv[layer, :, :, :, step : step + 1] = qkv[:, 1:]  # this step's key and value
         keys, values = cache.kv[layer, :, :, :, : step + 1].unbind(1)  # [B, H, step + 1, Dh]: every step so far
         out = F.scaled_dot_product_attention(qkv[:, 0], keys, values)  # [B, H, 1, Dh]
-        w_out = attn.out_proj.weight.view(attn.steps, D, D)[step]
-        return F.linear(out.transpose(1, 2).reshape(B, 1, D), w_out)
+        return attn.out_projs[step](out.transpose(1, 2).reshape(B, 1, D))

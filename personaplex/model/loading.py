@@ -179,7 +179,7 @@ def extract_voices(archive: Path) -> Path:
     return target / VOICES_DIR
 
 
-def list_voices(folder: Path | None) -> dict[str, Path]:
+def voice_files(folder: Path | None) -> dict[str, Path]:
     """Voice name -> file. A `.pt` wins over an audio file of the same name."""
     voices: dict[str, Path] = {}
     for path in sorted(folder.iterdir()) if folder is not None else []:
@@ -331,4 +331,4 @@ def load_models(
     tokenizer = load_tokenizer(files.tokenizer, config.lm.text_card)
     mimi = build_mimi(config, files.mimi, device)
     lm = build_lm(config, files.lm, device, dtype)
-    return Models(config, mimi, lm, tokenizer, list_voices(files.voices), device)
+    return Models(config, mimi, lm, tokenizer, voice_files(files.voices), device)

@@ -1,9 +1,9 @@
 """Token sampling on the device, with a counter-based random generator per slot.
 
-Implements `SamplingParams`, `sample_tokens` (greedy, or temperature + top-k through the
+Implements `sample_tokens` (greedy, or temperature + top-k through the
 exponential race `argmax(p / q)`, q ~ Exp(1), as the reference does), `stream_keys` and
 `race_noise`.
-A top-k of 0 ("no limit" in the reference) is not offered: at most `MAX_TOP_K` candidates.
+The settings themselves are `config.SamplingParams`.
 
 The noise is a hash of (slot seed, slot step, stream, vocabulary index) instead of draws from a
 `torch.Generator`: each conversation gets its own reproducible stream whatever else runs in the
@@ -14,63 +14,11 @@ the order of every draw on the device (REFERENCE_SPEC 8.17; decision 5).
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
-from dataclasses import dataclass
 
 import torch
 
-from ..errors import SettingsError
-
 _MASK32 = 0xFFFFFFFF
-
-
-# Largest top-k: sampling looks at this many candidates, whatever each slot's own k (a static
-# shape, cheaper than sorting the vocabulary, and fixed for CUDA graphs).
-MAX_TOP_K = {"text": 100, "audio": 500}
-
-
-MAX_TEMPERATURE = 10.0
-SEED_MAX = 2**32 - 1  # the noise hash reads 32 bits of the seed: larger seeds would repeat smaller ones
-
-
-def random_seed() -> int:
-    return int.from_bytes(os.urandom(4), "little")
-
-
-@dataclass(frozen=True)
-class SamplingParams:
-    """Per-conversation decoding settings; the defaults are the reference's. Out-of-range or
-    wrongly typed values raise `SettingsError` (they may come from a client)."""
-
-    temp_text: float = 0.7
-    topk_text: int = 25
-    temp_audio: float = 0.8
-    topk_audio: int = 250
-    greedy: bool = False
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for name in ("temp_text", "temp_audio"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int | float) or not 0.0 <= value <= MAX_TEMPERATURE:
-                raise SettingsError(f"{name} must be a number from 0 to {MAX_TEMPERATURE:g}, got {value!r}")
-        for name, kind in (("topk_text", "text"), ("topk_audio", "audio")):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= MAX_TOP_K[kind]:
-                raise SettingsError(f"{name} must be a whole number from 1 to {MAX_TOP_K[kind]}, got {value!r}")
-        if not isinstance(self.greedy, bool):
-            raise SettingsError(f"greedy must be true or false, got {self.greedy!r}")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or not 0 <= self.seed <= SEED_MAX:
-            raise SettingsError(f"the seed must be a whole number from 0 to {SEED_MAX}, got {self.seed!r}")
-
-    @property
-    def text_temperature(self) -> float:
-        return 0.0 if self.greedy else self.temp_text
-
-    @property
-    def audio_temperature(self) -> float:
-        return 0.0 if self.greedy else self.temp_audio
 
 
 def _mul32(x: torch.Tensor, c: int) -> torch.Tensor:

@@ -1,9 +1,10 @@
 """The text side: role prompts in, the agent's text pieces out.
 
 Implements `wrap_with_system_tags`, `encode_role` (the prompt's token ids, no BOS/EOS; an empty
-role gives no tokens, where the reference crashes), `piece_text` / `piece_label` (how the
-reference shows a sampled id: "PAD" for 3, "EPAD" for 0, else the piece with "▁" as a space)
-and `caption_text` (the same for people: no tokenizer markers).
+role gives no tokens, where the reference crashes) and `Words`, how the sampled text ids read:
+`piece` as the official server sends them ('' for padding, else the piece with "▁" as a
+space), `label` as the reference's offline script writes them ("PAD" for 3, "EPAD" for 0, else
+the piece) and `caption` for people (the piece without the tokenizer's markers).
 """
 
 from __future__ import annotations
@@ -41,21 +42,25 @@ def encode_role(text: str, tokenizer: Tokenizer) -> list[int]:
     return list(tokenizer.encode(wrap_with_system_tags(text)))
 
 
-def piece_text(token: int, tokenizer: Tokenizer) -> str:
-    """What the agent said at this step: '' for padding, else the piece with '▁' as a space."""
-    if token in _PADDING_LABELS:
-        return ""
-    return tokenizer.id_to_piece(token).replace("▁", " ")
+class Words:
+    """The text ids of one tokenizer in words."""
 
+    def __init__(self, tokenizer: Tokenizer) -> None:
+        self.tokenizer = tokenizer
 
-def caption_text(token: int, tokenizer: Tokenizer) -> str:
-    """What a person reads for this step: `piece_text` without the tokenizer's control and
-    unknown pieces (`<s>`, `</s>`, `<unk>`), which the model may emit but nobody says."""
-    if tokenizer.is_control(token) or tokenizer.is_unknown(token):
-        return ""
-    return piece_text(token, tokenizer)
+    def piece(self, token: int) -> str:
+        """What the agent said at this step: '' for padding, else the piece with '▁' as a space."""
+        if token in _PADDING_LABELS:
+            return ""
+        return self.tokenizer.id_to_piece(token).replace("▁", " ")
 
+    def caption(self, token: int) -> str:
+        """What a person reads for this step: `piece` without the tokenizer's control and unknown
+        pieces (`<s>`, `</s>`, `<unk>`), which the model may emit but nobody says."""
+        if self.tokenizer.is_control(token) or self.tokenizer.is_unknown(token):
+            return ""
+        return self.piece(token)
 
-def piece_label(token: int, tokenizer: Tokenizer) -> str:
-    """The reference offline script's JSON entry for one frame."""
-    return _PADDING_LABELS.get(token) or piece_text(token, tokenizer)
+    def label(self, token: int) -> str:
+        """The reference offline script's JSON entry for one frame."""
+        return _PADDING_LABELS.get(token) or self.piece(token)

@@ -3,8 +3,9 @@
 Implements RMSNorm (float32 math, eps 1e-8), interleaved RoPE (one complex multiplication for q
 and k together), the gated SiLU MLP, the ring KV cache with per-slot positions (written with one
 scatter per tensor), multi-head attention, a pre-norm layer and a layer stack.
-Module attribute names follow the release checkpoint (`self_attn.in_proj_weight`,
-`norm1.alpha`, `gating.linear_in`, `linear1`, `layer_scale_1.scale`, ...).
+Every matrix is an `nn.Linear`; the state dict keeps the release checkpoint's names
+(`self_attn.in_proj_weight`, `norm1.alpha`, `gating.linear_in`, `linear1`, `layer_scale_1.scale`,
+...; `release_names`).
 
 Ring KV cache semantics (REFERENCE_SPEC decision 1): a query at position p attends to the keys
 at positions p-context+1 .. p, exactly, at every length. The reference fork labels the oldest
@@ -41,8 +42,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..runtime.batch_graphs import compile_piece
-from .attention import BlockMask, prefix_attention, prefix_mask
+from .attention import BlockMask, pinned_attention, prefix_attention, prefix_mask
+from .release_names import keep_release_names
 from .streaming import StreamingModule, StreamingState
 
 
@@ -116,18 +117,6 @@ def apply_rope(x: torch.Tensor, rotation: torch.Tensor) -> torch.Tensor:
     return torch.view_as_real(pairs * torch.view_as_complex(rotation)).flatten(-2).to(x.dtype)
 
 
-def pinned_attention(q: torch.Tensor, q_pinned: torch.Tensor, keys: torch.Tensor, values: torch.Tensor,
-                     mask: torch.Tensor, pinned: torch.Tensor) -> torch.Tensor:
-    """Attention where pinned keys are scored with `q_pinned` and the others with `q` (both
-    [B, H, T, Dh]; keys, values [B, H, S, Dh]; mask and pinned [B, 1, T or 1, S] bool). Both
-    queries go through one matmul, so the keys are read once; softmax in float32."""
-    T = q.shape[2]
-    both = torch.cat([q_pinned, q], dim=2) @ keys.transpose(-1, -2)  # [B, H, 2T, S]
-    scores = torch.where(pinned, both[:, :, :T], both[:, :, T:]).float() * q.shape[-1] ** -0.5
-    probs = torch.softmax(scores.masked_fill(~mask, float("-inf")), dim=-1)
-    return probs.to(values.dtype) @ values
-
-
 @dataclass
 class AttentionPlan:
     """What every layer of one forward needs, computed once per forward (not per layer)."""
@@ -153,19 +142,20 @@ class KVCacheState(StreamingState):
 
 
 class Attention(StreamingModule):
-    """Multi-head self-attention with one fused `in_proj_weight` (q, k, v rows) and `out_proj`."""
+    """Multi-head self-attention: `in_proj` (q, k, v rows, the release's `in_proj_weight`) and `out_proj`."""
 
     def __init__(self, dim: int, num_heads: int, capacity: int) -> None:
         super().__init__()
         self.num_heads = num_heads
         self.capacity = capacity
-        self.in_proj_weight = nn.Parameter(torch.empty(3 * dim, dim))
+        self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
+        keep_release_names(self, {"in_proj_weight": ["in_proj.weight"]})
 
     def make_state(self, batch_size: int) -> KVCacheState:
-        dim = self.out_proj.weight.shape[0]
+        dim = self.out_proj.out_features
         shape = (batch_size, self.num_heads, self.capacity, dim // self.num_heads)
-        w = self.in_proj_weight
+        w = self.in_proj.weight
         return KVCacheState(
             keys=torch.zeros(shape, device=w.device, dtype=w.dtype),
             values=torch.zeros(shape, device=w.device, dtype=w.dtype),
@@ -173,7 +163,7 @@ class Attention(StreamingModule):
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         B, T, D = x.shape
-        qkv = F.linear(x, self.in_proj_weight).view(B, T, 3, self.num_heads, -1)  # [B, T, 3, H, Dh]
+        qkv = self.in_proj(x).view(B, T, 3, self.num_heads, -1)  # [B, T, 3, H, Dh]
         if plan.prefix is None:
             qk = qkv[:, :, :2] if plan.rotation is None else apply_rope(qkv[:, :, :2], plan.rotation)  # q and k at once
             q, k = qk.permute(2, 0, 3, 1, 4).unbind(0)  # [B, H, T, Dh] each
@@ -240,8 +230,12 @@ class TransformerLayer(nn.Module):
         return x + self.gating(self.norm2(x))
 
 
-def _run_layer(layer: TransformerLayer, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+def run_layer(layer: TransformerLayer, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
+    """One layer of a forward: what a `LayerRunner` does, and may do otherwise (compiled)."""
     return layer(x, plan)
+
+
+LayerRunner = Callable[[TransformerLayer, torch.Tensor, AttentionPlan], torch.Tensor]
 
 
 @dataclass
@@ -282,32 +276,21 @@ class Transformer(StreamingModule):
         self.max_period = max_period
         self.capacity = context + chunk - 1
         self.pinning = False  # whether slots may pin their first steps (`OffsetState.pinned`); LM only (chunk 1)
-        # One-step calls read only each slot's filled entries (`prefix_attention`): None when the
-        # layers are compiled (eagerly flex attention is slower than the masked path), or always, or never.
-        self.prefix_attention: bool | None = None
+        # One-step calls read only each slot's filled entries (`attention.prefix_attention`; the
+        # LM's ring only): fast compiled, slower than the masked path eagerly.
+        self.prefix_attention = False
         self.layers = nn.ModuleList(
             TransformerLayer(dim, num_heads, self.capacity, hidden, mimi_style) for _ in range(num_layers)
         )
-        self._compiled_step: Callable[[TransformerLayer, torch.Tensor, AttentionPlan], torch.Tensor] | None = None
 
     def make_state(self, batch_size: int) -> OffsetState:
-        device = self.layers[0].self_attn.in_proj_weight.device
+        device = self.layers[0].self_attn.in_proj.weight.device
         zeros = torch.zeros(batch_size, dtype=torch.long, device=device)
         return OffsetState(offset=zeros, pinned=zeros.clone(), advance=torch.ones_like(zeros))
 
-    def compile_steps(self, on: bool = True, every_batch: bool = False) -> None:
-        """Run the layers of one-step streaming calls (the live tick) through `torch.compile`:
-        one graph (for every batch size with `every_batch`, see `batch_graphs`), shared by every
-        layer (their weights are its inputs), whose attention reads only each slot's filled ring
-        entries (see `prefix_attention`). Prompts and voice encodings (many steps at once, of any
-        length) stay eager."""
-        self._compiled_step = compile_piece(_run_layer, every_batch) if on else None
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, run: LayerRunner = run_layer) -> torch.Tensor:
+        """x [B, T, dim] -> [B, T, dim]; `run` runs each layer."""
         plan = self._plan(x)
-        run = _run_layer
-        if self._compiled_step is not None and x.shape[1] == 1 and self.state is not None:
-            run = self._compiled_step
         for layer in self.layers:
             x = run(layer, x, plan)
         if self.state is not None:
@@ -362,18 +345,9 @@ class Transformer(StreamingModule):
         return (self.state.offset + 1).clamp(max=self.capacity)
 
     def _attends_prefix(self, x: torch.Tensor) -> bool:
-        return x.shape[1] == 1 and self.attends_prefix(x.device)
-
-    def attends_prefix(self, device: torch.device) -> bool:
-        """Whether one-step streaming calls read only the filled ring entries (`prefix_attention`):
-        in the LM's ring, compiled (unless `prefix_attention` says otherwise), except pinned
-        slots compiled on a CPU (Inductor's CPU flex kernel gives no log-sum-exp to merge the
-        two queries)."""
-        compiled = self._compiled_step is not None
-        wanted = compiled if self.prefix_attention is None else self.prefix_attention
-        if not wanted or self.capacity != self.context:
-            return False
-        return not (self.pinning and compiled and device.type == "cpu")
+        """Whether this call reads only the filled ring entries: a one-step call in the LM's ring
+        (`capacity == context`) with `prefix_attention` on."""
+        return x.shape[1] == 1 and self.prefix_attention and self.capacity == self.context
 
     def _pinned_rotation(self, q_pos: torch.Tensor, pinned: torch.Tensor, head_dim: int) -> torch.Tensor:
         """The query's RoPE for the pinned keys [B, T, 1, D/2, 2]: once the window is full the

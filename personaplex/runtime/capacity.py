@@ -1,21 +1,28 @@
-"""Capacity: how much of a device one conversation takes, and how many fit.
+"""Capacity: how much of a device one conversation takes, and how many conversations it serves.
 
 Implements `slot_bytes` (a slot's KV cache and Mimi states), `suggest_slots` (as many slots as
 the free GPU memory holds after the weights), `lm_parameter_count` (on the meta device: no
-memory) and `cpu_threads` (torch's share of a CPU's cores). Arithmetic on configs; `Service`
-uses it to refuse early what cannot fit and to size its engine.
+memory), `check_room` (what cannot fit, refused before any download), `cpu_threads` (torch's
+share of a CPU's cores), `tick_ms` (a tick of every slot with full attention windows, measured on
+the engine thread) and `fit_slots` (no more calls than one tick serves within `MAX_TICK_MS`).
 """
 
 from __future__ import annotations
 
 import os
+import time
 
 import torch
 
-from ..model.config import ModelConfig
+from ..model.config import FRAME_SIZE, ModelConfig
 from ..model.lm import LMModel
+from ..model.loading import CheckpointError
+from .engine import Engine
+from .worker import EngineWorker
 
 SLOT_MEMORY_RESERVE = 4 * 1024**3  # activations, CUDA graphs, allocator slack
+MAX_TICK_MS = 70.0  # calls are taken only as long as one tick of all of them stays under this
+LARGE_MODEL_BYTES = 2 * 1024**3  # bf16 weights beyond this: the 7B, not a test model
 
 
 def cpu_threads() -> int:
@@ -48,3 +55,54 @@ def suggest_slots(config: ModelConfig, dtype: torch.dtype, device: torch.device,
         return 4
     free, _ = torch.cuda.mem_get_info(device)
     return max(1, min(cap, int((free - SLOT_MEMORY_RESERVE) // slot_bytes(config, dtype)) - 1))
+
+
+def check_room(config: ModelConfig, device: torch.device, cpu_asked: bool) -> torch.dtype | None:
+    """Refuse early, before a 17 GB download, what cannot fit; the LM dtype to load with (None:
+    the device's default). `cpu_asked`: the person chose the CPU for a large model knowingly."""
+    weights = 2 * sum(lm_parameter_count(config).values())  # bf16 bytes
+    if device.type == "cuda":
+        free, total = torch.cuda.mem_get_info(device)
+        need = weights + 2 * slot_bytes(config, torch.bfloat16) + SLOT_MEMORY_RESERVE // 2  # a slot, and a prefill's
+        if free < need:
+            raise CheckpointError(
+                f"this GPU has {free / 2**30:.1f} GB free of {total / 2**30:.1f} GB; the model needs about "
+                f"{need / 2**30:.0f} GB for its weights and one conversation"
+            )
+        return None
+    if not cpu_asked and weights > LARGE_MODEL_BYTES:
+        raise CheckpointError(
+            "no CUDA GPU found: the 7B model needs one with 24 GB or more (on a CPU it runs far slower than "
+            "real time). Start with --device cpu to try anyway, or try the page with the tiny test model: "
+            "--checkpoint tests/fixtures/tiny/checkpoint --config tests/fixtures/tiny/checkpoint/tiny_config.json"
+        )
+    return torch.bfloat16 if weights > LARGE_MODEL_BYTES else None  # a 7B in float32 would not fit in RAM
+
+
+def tick_ms(engine: Engine, worker: EngineWorker, bucket: int | None = None) -> float:
+    """One batched step over `bucket` slots (all by default), every attention window full, run
+    twice on the engine thread; the second one's time."""
+    bucket = bucket or engine.num_slots
+
+    def tick() -> float:
+        with engine.full_windows():  # what a tick costs once the calls are four minutes old
+            start = time.perf_counter()
+            out = engine.step(torch.zeros(bucket, FRAME_SIZE), bucket)
+            out.pcm.cpu()
+            return (time.perf_counter() - start) * 1000
+
+    worker.call(tick).result()
+    return worker.call(tick).result()
+
+
+def fit_slots(engine: Engine, worker: EngineWorker, full_ms: float) -> tuple[int, float]:
+    """The largest bucket whose tick (`full_ms` for all slots) stays under `MAX_TICK_MS` (the rest
+    of the 80 ms frame is the margin that keeps calls in real time), and its tick; the worker
+    takes no more calls than that."""
+    usable, measured = engine.num_slots, full_ms
+    for bucket in sorted(engine.buckets(), reverse=True)[1:]:
+        if measured <= MAX_TICK_MS:
+            break
+        usable, measured = bucket, tick_ms(engine, worker, bucket)
+    worker.max_live = usable
+    return usable, measured

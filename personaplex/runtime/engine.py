@@ -27,11 +27,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..model.config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS
-from ..model.generate import LMGen, PromptFrames, PromptPlan, plan_prompt
+from ..model.config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS, SamplingParams
+from ..model.generate import LMGen, PreparedPrompt, PromptFrames, prepare_prompt
 from ..model.loading import CheckpointError, Models, load_voice_embeddings
 from ..model.persona import PromptError, VoicePrompt, build_prompt, voice_frames
-from ..model.sampling import SamplingParams
 from ..model.streaming import (
     SwappedStates,
     copy_states,
@@ -44,10 +43,10 @@ from ..model.streaming import (
     slot_view,
 )
 from ..model.text import encode_role
-from ..model.transformer import OffsetState
 from .audio import normalize_loudness, read_audio
-from .batch_graphs import compile_piece, tracing_every_batch
-from .graphs import StepGraphs, compile_enabled, graphs_enabled
+from .batch_graphs import tracing_every_batch
+from .compiled import TickPieces, compile_enabled, compile_tick, compiled_pieces, eager_pieces, prefix_route
+from .graphs import StepGraphs, graphs_enabled
 
 logger = logging.getLogger(__name__)
 
@@ -114,9 +113,10 @@ class Engine:
         self.models = models
         self.num_slots = num_slots
         self.device = models.device
-        self.gen = LMGen(models.lm, depformer_steps)
-        models.lm.transformer.pinning = pinning  # slots may keep their system prompt (`start(keep_persona=True)`)
-        models.lm.transformer.prefix_attention = prefix_attention  # None: when compiled (`Transformer._attends_prefix`)
+        self.gen = LMGen(models.lm, depformer_steps, pinning)  # pinning: slots may keep their persona (`start`)
+        compiling = compile_enabled(self.device) if compile is None else compile
+        self._prefix_asked = prefix_attention  # None: when compiled (`compiled.prefix_route`)
+        self.gen.use_prefix_attention(prefix_route(prefix_attention, compiling, pinning, self.device))
         enable_streaming(models.mimi, num_slots)
         enable_streaming(self.gen, num_slots)
         self._silence = torch.tensor(SILENCE_TOKENS, device=self.device)[None]  # [1, 8]
@@ -125,15 +125,16 @@ class Engine:
         # not an allocation to make in the middle of live calls). Work of a kind runs one at a time.
         self._own: dict[str, SwappedStates] = {"prefill": fresh_states(self.gen, 1), "voice": fresh_states(models.mimi, 1)}
         self._parked: set[int] = set()  # slots whose attention window stays empty until their start (`park`)
-        self.compile_failed: str | None = None  # why the step runs eagerly although compiling was asked for
-        self.prefix_attention_failed: str | None = None  # why compiled attention reads every ring entry
-        compiling = compile_enabled(self.device) if compile is None else compile
         # Each compiled piece one graph for every bucket (`batch_graphs`), or (`one_graph=False`, to
         # measure against) one per bucket, the bucket of one slot included.
         self._every_batch = compiling and num_slots > 1 and one_graph
         self._smallest_bucket = 2 if self._every_batch else 1
+        self._pieces = eager_pieces(models.mimi, self.gen)
+        self.compile_failed: str | None = None  # why the step runs eagerly although compiling was asked for
+        self.prefix_attention_failed: str | None = None  # why compiled attention reads every ring entry
         self.every_batch_failed: str | None = None  # why the pieces were compiled once per bucket instead
-        self._compile(compiling)
+        if compiling:
+            self._compile(drop_flex=prefix_attention is None)
         self._graphs: StepGraphs | None = None
         self.graphs_failed: str | None = None  # why the step runs without CUDA graphs although they were asked for
         if graphs_enabled(self.device) if cuda_graphs is None else cuda_graphs:
@@ -146,7 +147,7 @@ class Engine:
 
     @property
     def compiled(self) -> bool:
-        return self.gen.compiled
+        return self._pieces.compiled
 
     @property
     def shortfalls(self) -> list[str]:
@@ -163,61 +164,32 @@ class Engine:
 
     @property
     def prefix_attention(self) -> bool:
-        """Whether the tick's attention reads only what each slot holds (`prefix_attention`)."""
-        return self.models.lm.transformer.attends_prefix(self.device)
+        """Whether the tick's attention reads only what each slot holds (`LMGen.prefix_attention`)."""
+        return self.gen.prefix_attention
 
     def compile_steps(self, on: bool) -> None:
-        """The tick's pieces compiled or eager: Mimi's frame encode and decode, the temporal
-        layers, the text sampling with the depformer. With several slots each piece is one graph
-        for every bucket (`batch_graphs`), compiled at its first tick: `Engine(compile=True)` does
-        that at once."""
+        """The tick's pieces compiled (`compiled.compiled_pieces`) or eager, and the attention route
+        that goes with it, with no warm-up: compiled, each piece is compiled at its first tick
+        (`Engine(compile=True)` does that at once, with its fallbacks)."""
         mimi = self.models.mimi
-        self.gen.compile_steps(on, self._every_batch)
-        self._encode = compile_piece(mimi.encode, self._every_batch) if on else mimi.encode
-        self._decode = compile_piece(mimi.decode, self._every_batch) if on else mimi.decode
+        self._pieces = compiled_pieces(mimi, self.gen, self._every_batch) if on else eager_pieces(mimi, self.gen)
+        self.gen.use_prefix_attention(prefix_route(self._prefix_asked, on, self.gen.pinning, self.device))
 
     @torch.inference_mode()
-    def _compile(self, on: bool) -> None:
-        """Compile the tick's hot pieces (`compile_steps`) and run them at every bucket now,
-        before any graph is captured and any call waits; if that fails, run eagerly and say so."""
-        self.compile_steps(on)
-        if not on:
-            return
-        self.models.mimi.fill_caches()  # computed eagerly, so that no graph guards on them
-        limit = torch._dynamo.config.recompile_limit  # room for a graph per bucket, should a piece need that
-        torch._dynamo.config.recompile_limit = max(limit, 2 * len(self.buckets()) + 2)
-        transformer = self.models.lm.transformer
-        asked = transformer.prefix_attention
-        failure = self._warm_buckets()
-        if failure is not None and asked is None:  # the flex kernel may be what failed
-            failure = self._without_flex(failure)
-        if failure is not None and self._every_batch:  # or one graph for every bucket: one per bucket instead
-            logger.warning("trying again with one graph per bucket")
-            self.every_batch_failed, self._every_batch = failure, False
-            transformer.prefix_attention, self.prefix_attention_failed = asked, None  # flex was not to blame
-            self.compile_steps(True)
-            failure = self._warm_buckets()
-            if failure is not None and asked is None:
-                failure = self._without_flex(failure)
-        if failure is not None:  # a slower engine is better than none
-            logger.warning("running the engine step eagerly")
-            self.compile_failed = failure
-            self.compile_steps(False)
+    def _compile(self, drop_flex: bool) -> None:
+        """Compile the tick's pieces and run them at every bucket now, before any graph is
+        captured and any call waits; whatever failed on the way is said (`shortfalls`)."""
+        graphs = 2 * len(self.buckets()) + 2  # room for a graph per bucket, should a piece need that
+        result = compile_tick(self.models.mimi, self.gen, self._every_batch, drop_flex, self._warm_buckets, graphs)
+        self._pieces, self._every_batch = result.pieces, result.every_batch
+        self.compile_failed, self.prefix_attention_failed = result.failed, result.prefix_failed
+        self.every_batch_failed = result.every_batch_failed
         self._reset_all()  # the warm-up stepped every slot: start them afresh
 
-    def _without_flex(self, failure: str) -> str | None:
-        """Compile the layers again with attention over every ring entry (the other pieces keep
-        their graphs) and warm every bucket; what failed then, if anything."""
-        logger.warning("trying again with attention over every ring entry")
-        self.prefix_attention_failed = failure
-        transformer = self.models.lm.transformer
-        transformer.prefix_attention = False
-        transformer.compile_steps(True, self._every_batch)
-        return self._warm_buckets()
-
-    def _warm_buckets(self) -> str | None:
-        """Step every bucket once, the largest first (its call compiles what is compiled for
-        them all); what failed, if anything."""
+    def _warm_buckets(self, pieces: TickPieces) -> str | None:
+        """Step every bucket once with `pieces`, the largest first (its call compiles what is
+        compiled for them all); what failed, if anything."""
+        self._pieces = pieces
         try:
             with tracing_every_batch():
                 for bucket in reversed(self.buckets()):
@@ -277,23 +249,23 @@ class Engine:
 
     # --- slots --------------------------------------------------------------------------
     @torch.inference_mode()
-    def plan(self, prompt: PromptFrames) -> PromptPlan:
+    def prepare(self, prompt: PromptFrames) -> PreparedPrompt:
         """The prefill's inputs and final ring for a prompt: host work, any thread."""
         if not 2 <= prompt.num_frames < self.models.config.lm.context:
             raise PromptError(f"a prompt needs 2 to {self.models.config.lm.context - 1} frames, got {prompt.num_frames}")
-        return plan_prompt(prompt, self.models.config.lm)
+        return prepare_prompt(prompt, self.models.config.lm)
 
     @torch.inference_mode()
-    def start(self, slot: int, prompt: PromptFrames | PromptPlan, sampling: SamplingParams, prefill: bool = True,
+    def start(self, slot: int, prompt: PromptFrames | PreparedPrompt, sampling: SamplingParams, prefill: bool = True,
               keep_persona: bool = False) -> None:
         """Reset `slot` and run its system prompt (one prefill, or frame by frame as the
         reference does); the other slots are not touched. With `keep_persona` (an engine made
         with `pinning=True`) the prompt stays in the slot's attention window for the whole call."""
         self._check_slot(slot)
         self._parked.discard(slot)
-        if prefill or isinstance(prompt, PromptPlan):
-            plan = prompt if isinstance(prompt, PromptPlan) else self.plan(prompt)
-            _finish(self.start_pieces(slot, plan, sampling, frames=plan.inputs.shape[1], keep_persona=keep_persona))
+        if prefill or isinstance(prompt, PreparedPrompt):
+            prepared = prompt if isinstance(prompt, PreparedPrompt) else self.prepare(prompt)
+            _finish(self.start_pieces(slot, prepared, sampling, frames=prepared.inputs.shape[1], keep_persona=keep_persona))
             return
         self._check_pinning(keep_persona)
         mask = slot_mask(self.num_slots, slot, self.device)
@@ -302,10 +274,10 @@ class Engine:
         self.gen.set_sampling(mask, sampling)
         with slot_view(self.gen, slice(slot, slot + 1)):
             self.gen.run_prompt(prompt)
-            self._pin(keep_persona)
+            self.gen.pin_prompt(keep_persona)
 
     @torch.inference_mode()
-    def start_pieces(self, slot: int, plan: PromptPlan, sampling: SamplingParams,
+    def start_pieces(self, slot: int, prepared: PreparedPrompt, sampling: SamplingParams,
                      frames: int = PREFILL_PIECE_FRAMES, keep_persona: bool = False) -> Iterator[None]:
         """`start` with a prefill of `frames` frames per piece, yielding between pieces. The
         prefill runs in states of its own; the slot is reset and takes them at the last piece,
@@ -315,7 +287,7 @@ class Engine:
         own = self._own_states("prefill", self.gen)
         with installed(own):
             self.gen.set_sampling(torch.ones(1, dtype=torch.bool, device=self.device), sampling)
-        pieces = self.gen.prefill_pieces(plan, frames)
+        pieces = self.gen.prefill_pieces(prepared, frames)
         while True:
             with installed(own):  # the pieces run in their own states, never in a tick's
                 done = next(pieces, _DONE) is _DONE
@@ -323,20 +295,14 @@ class Engine:
                 break
             yield
         with installed(own):
-            self._pin(keep_persona)
+            self.gen.pin_prompt(keep_persona)
         self._parked.discard(slot)
         reset_slots(self.models.mimi, slot_mask(self.num_slots, slot, self.device))
         copy_states(slot_states(self.gen, slice(slot, slot + 1)), own)
 
     def _check_pinning(self, keep_persona: bool) -> None:
-        if keep_persona and not self.models.lm.transformer.pinning:
+        if keep_persona and not self.gen.pinning:
             raise ValueError("keep_persona needs an engine made with pinning=True")
-
-    def _pin(self, keep_persona: bool) -> None:
-        """Right after a prompt, in the state of one slot: pin the steps so far (or none)."""
-        state = self.models.lm.transformer.state
-        assert isinstance(state, OffsetState)
-        state.pinned.copy_(state.offset if keep_persona else torch.zeros_like(state.offset))
 
     @torch.inference_mode()
     def park(self, slot: int) -> None:
@@ -345,9 +311,7 @@ class Engine:
         self._check_slot(slot)
         if slot in self._parked:
             return
-        state = self.models.lm.transformer.state
-        assert isinstance(state, OffsetState)
-        state.park(slot_mask(self.num_slots, slot, self.device))
+        self.gen.park(slot_mask(self.num_slots, slot, self.device))
         self._parked.add(slot)
 
     @contextmanager
@@ -364,10 +328,7 @@ class Engine:
         """Within the block every slot's attention window is full, as after four minutes of
         talk: the worst case of a tick's attention, for a warm-up to measure. Afterwards every
         slot starts afresh."""
-        state = self.models.lm.transformer.state
-        assert isinstance(state, OffsetState)
-        state.advance.fill_(1)
-        state.offset.fill_(self.models.lm.transformer.context)
+        self.gen.fill_windows()
         try:
             yield
         finally:
@@ -455,12 +416,13 @@ class Engine:
 
     def _step(self, pcm: torch.Tensor) -> Frame:
         # 1. the user's audio -> Mimi codes
-        user_codes = self._encode(pcm[:, None])[:, :, 0]  # [B, 8]
+        pieces = self._pieces
+        user_codes = pieces.encode(pcm[:, None])[:, :, 0]  # [B, 8]
         # 2. one LM step: text and the agent's codes
-        out = self.gen.step(user_codes)
+        out = self.gen.step(user_codes, pieces.layer, pieces.heads)
         # 3. the agent's codes -> audio; a slot never started has start tokens: decode silence there
         codes = torch.where(out.valid[:, None], out.agent_codes, self._silence)
-        agent = self._decode(codes[:, :, None])[:, 0]  # [B, 1920]
+        agent = pieces.decode(codes[:, :, None])[:, 0]  # [B, 1920]
         return Frame(pcm=agent, tokens=out.tokens, valid=out.valid)
 
 

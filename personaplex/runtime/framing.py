@@ -17,13 +17,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from ..model.config import FRAME_RATE, FRAME_S, FRAME_SIZE
+from ..model.config import FRAME_RATE, FRAME_SIZE
 
 ALIGN_MIN_CHUNKS = 3  # chunk arrivals seen before going live that are enough to shift the framing then
 ALIGN_WATCH_S = 0.5  # otherwise the arrivals are watched this long, live
 ALIGN_MAX_CHUNKS = 64
 ALIGN_LEAD_S = 0.005  # a frame should be complete this long before its tick (jitter of the pushes)
-BEHIND_TICK_MS = 0.75 * FRAME_S * 1000  # a tick this long leaves no room: the next hiccup drops audio
 ALIGN_QUANTILE = 0.95  # of the observed waits: jitter beyond it costs a late frame now and then
 
 

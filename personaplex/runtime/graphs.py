@@ -30,14 +30,6 @@ def graphs_enabled(device: torch.device) -> bool:
     return device.type == "cuda" and os.environ.get("PERSONAPLEX_CUDA_GRAPHS", "1") not in ("0", "no", "false")
 
 
-def compile_enabled(device: torch.device) -> bool:
-    """`torch.compile` of the tick's hot pieces: on CUDA unless PERSONAPLEX_COMPILE=0; on a CPU
-    only with PERSONAPLEX_COMPILE=1 (compiling takes a minute or more there, and the page
-    should come up at once on a laptop)."""
-    value = os.environ.get("PERSONAPLEX_COMPILE", "").lower()
-    return value in ("1", "yes", "true") or (device.type == "cuda" and value not in ("0", "no", "false"))
-
-
 @dataclass
 class _Captured:
     replay: Callable[[], None]

@@ -13,7 +13,9 @@ Implements:
     the engine thread.
   * Framing aligned to the engine's tick: the session shifts where its frames begin, once,
     as `personaplex.framing` chooses (zeros in front, every sample kept).
-  * `Output`; `Limits` (`REALTIME`, `OFFLINE`), `Ending`, `Phase` and `SessionStats` come from the port.
+  * `Output`, and `Words`: how the call's text ids read, given by whoever starts the call (the
+    model's tokenizer, or a cluster's pieces); `Limits` (`REALTIME`, `OFFLINE`), `Ending`,
+    `Phase` and `SessionStats` come from the port.
 
 The engine never sees the session: `Service` hands the session's `port` to the worker, and the
 two meet only there.
@@ -25,6 +27,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 
@@ -34,11 +37,33 @@ from .framing import ALIGN_WATCH_S, Aligner
 from .port import OFFLINE, REALTIME, CallFrame, Ending, Limits, Phase, Port, SessionStats
 from .recording import CallRecording
 
-__all__ = ["OFFLINE", "REALTIME", "Ending", "Limits", "Output", "Phase", "Session", "SessionStats"]
+__all__ = ["OFFLINE", "REALTIME", "Ending", "Limits", "Output", "Phase", "Session", "SessionStats", "Words"]
 
 SILENCE = np.zeros(FRAME_SIZE, dtype=np.float32)
 GAP_TOLERANCE_S = 0.5  # input that pauses longer than this leaves silence in the recording
 UNBOUND_BACKLOG = 125  # frames kept for the recording before a session has one (10 s)
+
+
+class Words(Protocol):
+    """How the model's text ids read."""
+
+    def caption(self, text_id: int) -> str:
+        """What a person reads ('' for padding and the tokenizer's own markers)."""
+        ...
+
+    def piece(self, text_id: int) -> str:
+        """As the official server sends it: the piece with "▁" as a space ('' for padding)."""
+        ...
+
+
+class _NoWords:
+    """Before a call has started: no text ids to read."""
+
+    def caption(self, text_id: int) -> str:
+        return ""
+
+    def piece(self, text_id: int) -> str:
+        return ""
 
 
 @dataclass(frozen=True)
@@ -57,7 +82,7 @@ class Session:
     def __init__(self, limits: Limits = REALTIME, clock: Callable[[], float] = time.monotonic) -> None:
         self.limits = limits
         self.port = Port(limits, clock)  # the engine's side: given to the worker by `Service`
-        self.describe: Callable[[int], str] = lambda _: ""  # a text id in words (set by `Service`)
+        self.words: Words = _NoWords()  # how its text ids read (set by the service that starts it)
         self._clock = clock
         self._push_lock = threading.Lock()  # the framing: one push at a time
         self._record_lock = threading.Lock()
@@ -193,7 +218,7 @@ class Session:
         self._flush_recording()
         if frame is None:
             return None
-        text = self.describe(frame.text_id) if frame.text_id is not None else ""
+        text = self.words.caption(frame.text_id) if frame.text_id is not None else ""
         pcm = frame.agent if frame.agent is not None else SILENCE
         return Output(pcm=pcm, user=frame.user, text=text, index=frame.index, from_model=frame.agent is not None,
                       text_id=frame.text_id)
@@ -215,5 +240,5 @@ class Session:
         if gap > GAP_TOLERANCE_S and recording.frames:
             recording.add_silence(round(gap / FRAME_S) - 1)
         self._recorded_until = max(self._recorded_until, frame.arrived) + FRAME_S
-        text = self.describe(frame.text_id) if frame.text_id is not None else ""
+        text = self.words.caption(frame.text_id) if frame.text_id is not None else ""
         recording.add(frame.user, frame.agent, text)

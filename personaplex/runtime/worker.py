@@ -8,8 +8,8 @@ Implements:
     conversation to a lower slot when that shrinks every tick's bucket, and parks the free
     slots of the bucket (`Engine.park`: their attention stays empty). It sees a call only
     through its `Port` (`personaplex.port`), never the session behind it, and runs no app
-    code: a session's consumers build text and recordings on their own threads;
-  * `Busy`: every slot is taken.
+    code: a session's consumers build text and recordings on their own threads. When every
+    slot is taken, `open` raises `Busy`.
 
 The schedule. While a real-time call is live, ticks keep to a fixed grid (`TickGrid`, one
 point every 80 ms): a tick runs at the first grid point where some call has a frame, and
@@ -38,10 +38,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from ..errors import UserError
-from ..model.config import FRAME_SIZE
-from ..model.generate import PromptPlan
-from ..model.sampling import SamplingParams
+from ..errors import Busy
+from ..model.config import FRAME_SIZE, SamplingParams
+from ..model.generate import PreparedPrompt
 from .engine import Engine
 from .framing import ALIGN_LEAD_S, TickGrid
 from .port import Phase, Port
@@ -52,10 +51,6 @@ IDLE_POLL_S = 0.5  # with nothing to do, limits are still checked this often
 PIECE_GUARD_S = 0.001  # a piece must end this long before the next tick to run before it
 GRID_STEP_MIN_S = 0.001  # a lone call's frames waiting less than this longer than needed: the grid stays
 GRID_FIT_MARGIN_S = 0.003  # when the grid moves to a lone call, room for the next calls' pushes to come a little later
-
-
-class Busy(UserError):
-    """No free conversation slot."""
 
 
 @dataclass(eq=False)
@@ -76,7 +71,7 @@ def _once(fn: Callable[[], Any]) -> Generator[None, None, Any]:
 
 
 @dataclass
-class _Plan:
+class _Work:
     """What the engine thread does next: a tick over `live`, a piece of `job`, or stop."""
 
     live: list[Port] = field(default_factory=list)
@@ -120,8 +115,8 @@ class EngineWorker:
             self._cond.notify()
         return future
 
-    def open(self, port: Port, plan: PromptPlan, sampling: SamplingParams, keep_persona: bool = False) -> None:
-        """Give the call behind `port` a slot and queue its system prompt (`Engine.plan`; kept
+    def open(self, port: Port, prepared: PreparedPrompt, sampling: SamplingParams, keep_persona: bool = False) -> None:
+        """Give the call behind `port` a slot and queue its system prompt (`Engine.prepare`; kept
         for the whole call with `keep_persona`, see `Engine.start`); it goes live once the
         prompt has run. Raises `Busy` when every slot is taken; a prompt failing on the engine
         thread ends the call with reason "error"."""
@@ -134,16 +129,16 @@ class EngineWorker:
                 n = min(self.engine.num_slots, self.max_live)
                 taken = f"all {n} conversation slots are" if n > 1 else "the one conversation slot is"
                 raise Busy(f"{taken} in use: try again in a minute")
-            port.bind(free[0], plan.offset, keep_persona, self._ring)
+            port.bind(free[0], prepared.offset, keep_persona, self._ring)
             self._ports[free[0]] = port
-        self.run(self._start(port, plan, sampling, keep_persona), urgent=True)
+        self.run(self._start(port, prepared, sampling, keep_persona), urgent=True)
 
-    def _start(self, port: Port, plan: PromptPlan, sampling: SamplingParams, keep_persona: bool) -> Generator[None, None, None]:
+    def _start(self, port: Port, prepared: PreparedPrompt, sampling: SamplingParams, keep_persona: bool) -> Generator[None, None, None]:
         """The engine thread's job for a new call: its system prompt, then live."""
         if port.ended:  # ended before its turn: its slot may be someone else's now
             return
         try:
-            yield from self.engine.start_pieces(port.slot, plan, sampling, keep_persona=keep_persona)  # type: ignore[arg-type]
+            yield from self.engine.start_pieces(port.slot, prepared, sampling, keep_persona=keep_persona)  # type: ignore[arg-type]
         except Exception as exc:
             logger.exception("the call in slot %s: its system prompt failed", port.slot)
             port.end("error", f"the call could not start: {exc}")
@@ -179,22 +174,22 @@ class EngineWorker:
     def _run(self) -> None:
         with torch.inference_mode():
             while True:
-                plan = self._next_work()
-                if plan.stop:
+                work = self._next_work()
+                if work.stop:
                     return
-                if plan.job is not None:
-                    self._piece(plan.job)
+                if work.job is not None:
+                    self._piece(work.job)
                 else:
-                    self._tick(plan.live)
+                    self._tick(work.live)
                     self._compact()
                     self._park_free()
 
-    def _next_work(self) -> _Plan:
+    def _next_work(self) -> _Work:
         """Block until there is a tick or a piece of a job to run."""
         with self._cond:
             while True:
                 if self._stopping:
-                    return _Plan(stop=True)
+                    return _Work(stop=True)
                 for port in list(self._ports.values()):
                     port.expire()
                 self._drop_ended()
@@ -205,13 +200,13 @@ class EngineWorker:
                 pending = any(p.waiting_since(now) is not None for p in live)
                 job = next((j for j in self._jobs if j.urgent), self._jobs[0] if self._jobs else None)
                 if pending and not realtime and job is not None and self._pieces_since_tick == 0:
-                    return _Plan(job=job)  # recordings tick back to back, but a joining call's prompt goes on between
+                    return _Work(job=job)  # recordings tick back to back, but a joining call's prompt goes on between
                 if pending and (not realtime or now >= self._due):
-                    return _Plan(live=live)
+                    return _Work(live=live)
                 next_tick = self._next_tick(now, pending) if realtime else (now if pending else float("inf"))
                 if job is not None and (self._pieces_since_tick == 0 or now - self._last_tick >= self.grid.period_s
                                         or now + job.piece_s <= next_tick - PIECE_GUARD_S):
-                    return _Plan(job=job)
+                    return _Work(job=job)
                 self._cond.wait(timeout=max(0.0, min(next_tick - now, IDLE_POLL_S)))
 
     def _next_tick(self, now: float, pending: bool) -> float:

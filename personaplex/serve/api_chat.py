@@ -2,15 +2,17 @@
 
 Implements:
   * `ChatDoor`: the WebSocket endpoint (Starlette), on the page's own server (`app.py`) and on
-    each engine replica of a cluster (`personaplex.cluster`). Each connection is
-    one call, an adapter like the WebRTC handler: the client's Opus pages -> `Session.push`;
-    `Session.next_async` -> Opus pages and text pieces; the session's ending -> an error message
-    with its reason, then the close. The call's rules (one 80 ms frame out per 80 ms in, the time
-    limit, the idle timeout, busy) are the session's and the service's, as for a WebRTC call.
+    each engine replica of a cluster (`serve.cluster`). Each connection is one `Call`
+    (`serve.call`), this module being only its wire format: the client's Opus pages ->
+    `Session.push`; `Session.next_async` -> Opus pages and text pieces; the call's ending -> an
+    error message with its reason, then the close. The call's rules (one 80 ms frame out per
+    80 ms in, the time limit, the idle timeout, busy) are the session's and the service's, as for
+    a WebRTC call.
   * `chat_settings`: the query (`text_prompt`, `voice_prompt`, `seed`, `text_temperature`,
     `text_topk`, `audio_temperature`, `audio_topk`; ours also `greedy` and `keep_persona`, which
-    a page in front of a cluster sends: `chat_query`), checked as the page checks its values;
-    what the official clients also send and the official server ignores is ignored here too.
+    a page in front of a cluster sends: `chat_query`) -> `CallSettings`, checked as the page
+    checks its values; what the official clients also send and the official server ignores is
+    ignored here too.
 
 The protocol (kyutai-labs/moshi `rust/protocol.md`; NVIDIA/personaplex `moshi/server.py`): binary
 messages whose first byte is the kind. 0: the handshake, sent once the persona's prompt has run;
@@ -31,14 +33,19 @@ from typing import Any
 import numpy as np
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
-from ..errors import SettingsError, UserError
-from ..model.config import DEFAULT_TEXT_PROMPT, SAMPLE_RATE
-from ..model.sampling import SamplingParams
-from ..runtime.session import Limits, Session
-from ..runtime.transcript import clock_text
-from ..runtime.worker import Busy
 from . import inputs
-from .service import CUSTOM_VOICE_PREFIX, Service
+from .call import Call
+from .contract import (
+    CUSTOM_VOICE_PREFIX,
+    DEFAULT_TEXT_PROMPT,
+    MAX_VOICE_NAME_CHARS,
+    SAMPLE_RATE,
+    CallService,
+    CallSettings,
+    Limits,
+    SamplingParams,
+    SettingsError,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +54,6 @@ HANDSHAKE, AUDIO, TEXT, ERROR = 0, 1, 2, 5
 PROMPT_WAIT_S = 120.0  # the persona's prompt runs within this, or the call ends
 NEXT_WAIT_S = 0.1
 MAX_REASON_BYTES = 120  # a WebSocket close reason holds at most 123 bytes
-MAX_NAME_CHARS = 64  # of a voice's name
-LOGGED_CHARS = 300
 SAMPLING_QUERY = {  # query parameter -> (the page's name for it, its default)
     "text_temperature": ("temp_text", SamplingParams.temp_text),
     "text_topk": ("topk_text", SamplingParams.topk_text),
@@ -58,10 +63,10 @@ SAMPLING_QUERY = {  # query parameter -> (the page's name for it, its default)
 
 
 def chat_settings(query: Mapping[str, str], voices: list[str], default_voice: str,
-                  custom: bool = False) -> tuple[str, str, SamplingParams]:
-    """(voice, role, sampling) from a connection's query. A voice is one of `voices`, by name or
-    as the official clients send it (`NATF2.pt`), or with `custom` a custom voice's key: never
-    a path. An empty role is the default."""
+                  custom: bool = False) -> CallSettings:
+    """A call's settings from a connection's query. A voice is one of `voices`, by name or as
+    the official clients send it (`NATF2.pt`), or with `custom` a custom voice's key: never a
+    path. An empty role is the default; the persona is kept unless `keep_persona=false`."""
     role = inputs.text("text_prompt", query.get("text_prompt")).strip() or DEFAULT_TEXT_PROMPT
     voice = chat_voice(query.get("voice_prompt"), voices, default_voice, custom)
     values = {name: _query_number(name, query[key]) if key in query else default
@@ -70,15 +75,17 @@ def chat_settings(query: Mapping[str, str], voices: list[str], default_voice: st
     greedy = query.get("greedy", "false")  # ours: the official clients do not send it
     sampling = inputs.sampling_settings(values["temp_text"], values["topk_text"], values["temp_audio"],
                                         values["topk_audio"], seed, greedy)
-    return voice, role, sampling
+    keep = inputs.flag("keep_persona", query.get("keep_persona", "true"))  # ours, like greedy
+    return CallSettings(voice, role, sampling, keep)
 
 
-def chat_query(voice: str, role: str, sampling: SamplingParams, keep_persona: bool = True) -> dict[str, str]:
+def chat_query(settings: CallSettings) -> dict[str, str]:
     """A call's settings as the query `chat_settings` reads (what a page in front of a cluster sends)."""
-    return {"text_prompt": role, "voice_prompt": voice, "seed": str(sampling.seed), "greedy": str(sampling.greedy).lower(),
-            "text_temperature": str(sampling.temp_text), "text_topk": str(sampling.topk_text),
-            "audio_temperature": str(sampling.temp_audio), "audio_topk": str(sampling.topk_audio),
-            "keep_persona": str(keep_persona).lower()}
+    sampling = settings.sampling
+    return {"text_prompt": settings.role, "voice_prompt": settings.voice, "seed": str(sampling.seed),
+            "greedy": str(sampling.greedy).lower(), "text_temperature": str(sampling.temp_text),
+            "text_topk": str(sampling.topk_text), "audio_temperature": str(sampling.temp_audio),
+            "audio_topk": str(sampling.topk_audio), "keep_persona": str(settings.keep_persona).lower()}
 
 
 def chat_voice(value: str | None, voices: list[str], default_voice: str, custom: bool = False) -> str:
@@ -86,7 +93,7 @@ def chat_voice(value: str | None, voices: list[str], default_voice: str, custom:
     voice's key (`custom:` and 32 hex digits); anything else is refused."""
     if not value:  # the page's default persona's voice, or the checkpoint's first
         return default_voice if default_voice in voices or not voices else voices[0]
-    name = inputs.text("voice_prompt", value, max_chars=MAX_NAME_CHARS)
+    name = inputs.text("voice_prompt", value, max_chars=MAX_VOICE_NAME_CHARS)
     if custom and re.fullmatch(re.escape(CUSTOM_VOICE_PREFIX) + "[0-9a-f]{32}", name):
         return name
     name = name[: -len(".pt")] if name.lower().endswith(".pt") else name
@@ -108,9 +115,9 @@ def _query_number(name: str, text: str) -> Any:
 
 
 class ChatDoor:
-    """The `/api/chat` endpoint: one `ChatCall` per connection."""
+    """The `/api/chat` endpoint: one call per connection."""
 
-    def __init__(self, service: Service, limits: Limits, default_voice: str,
+    def __init__(self, service: CallService, limits: Limits, default_voice: str,
                  custom_voice: Callable[[str], Awaitable[None]] | None = None, busy: str | None = None) -> None:
         """`custom_voice`: makes a custom voice's key usable here before a call with it starts
         (a cluster's replica fetches the clip from its store); None: no custom voices. `busy`:
@@ -124,27 +131,26 @@ class ChatDoor:
     async def serve(self, websocket: WebSocket) -> None:
         """The endpoint (`starlette.routing.WebSocketRoute(PATH, door.serve)`)."""
         await websocket.accept()
-        await ChatCall(websocket, self).run()
+        await ChatConnection(websocket, self).run()
 
 
-class ChatCall:
-    """One connection's call: start it, hand the audio both ways, end it with its reason."""
+class ChatConnection:
+    """One connection's call in the protocol's wire format: Opus both ways, text pieces, kind 5."""
 
     def __init__(self, websocket: WebSocket, door: ChatDoor) -> None:
         import sphn  # the official server's Opus (Ogg pages both ways); only a WebSocket call needs it
 
         self.ws = websocket
-        self.service = door.service
         self.door = door
-        self.session = Session(door.limits)
+        self.call = Call(door.service, door.limits, f"chat {secrets.token_hex(4)}", busy=door.busy)
+        self.session = self.call.session
         self.reader = sphn.OpusStreamReader(SAMPLE_RATE)
         self.writer = sphn.OpusStreamWriter(SAMPLE_RATE)
-        self.tag = secrets.token_hex(4)
 
     async def run(self) -> None:
         receiving: asyncio.Task | None = None
         try:
-            if not await self._start():
+            if not await self.call.start(self._settings):
                 return
             receiving = asyncio.create_task(self._receive())
             if await self.session.until_live(PROMPT_WAIT_S):
@@ -154,8 +160,8 @@ class ChatCall:
                 self.session.end("error", f"the persona's prompt did not load within {PROMPT_WAIT_S:g} s")
         except (WebSocketDisconnect, RuntimeError, OSError):  # the client went away while we sent
             self.session.end("stopped", "the client closed the connection")
-        except Exception as exc:  # the call's boundary: a fault, said to the client and logged once
-            logger.exception("chat %s: failed", self.tag)
+        except Exception as exc:  # the connection's boundary: a fault, said to the client and logged once
+            logger.exception("%s: failed", self.call.name)
             self.session.end("error", f"the call failed: {type(exc).__name__}")
         finally:
             self.session.end("stopped", "the client closed the connection")
@@ -163,23 +169,13 @@ class ChatCall:
                 receiving.cancel()
             await self._finish()
 
-    async def _start(self) -> bool:
-        """The call's settings and slot; a refusal is said (kind 5) and the connection closed."""
-        try:
-            custom = self.door.custom_voice
-            voice, role, sampling = chat_settings(self.ws.query_params, self.service.voice_names(), self.door.default_voice,
-                                                  custom is not None)
-            if custom is not None and voice.startswith(CUSTOM_VOICE_PREFIX):
-                await custom(voice)
-            keep = inputs.flag("keep_persona", self.ws.query_params.get("keep_persona", "true"))  # ours, like greedy
-            await asyncio.to_thread(self.service.start_call, self.session, voice, role, sampling, keep)
-        except UserError as exc:
-            reason = self.door.busy if isinstance(exc, Busy) and self.door.busy else str(exc)
-            logger.info("chat %s: refused: %s", self.tag, reason[:LOGGED_CHARS])
-            self.session.end("refused", reason)
-            return False
-        logger.info("chat %s: started with voice %s", self.tag, voice)
-        return True
+    async def _settings(self) -> CallSettings:
+        """The query's settings, and a custom voice made usable here first."""
+        door, custom = self.door, self.door.custom_voice
+        settings = chat_settings(self.ws.query_params, door.service.voice_names(), door.default_voice, custom is not None)
+        if custom is not None and settings.voice.startswith(CUSTOM_VOICE_PREFIX):
+            await custom(settings.voice)
+        return settings
 
     async def _receive(self) -> None:
         """The client's messages: audio goes to the session; any other kind is ignored."""
@@ -206,7 +202,7 @@ class ChatCall:
                 if self.session.ending is not None:
                     return
                 continue
-            piece = self.service.text_piece(out.text_id) if out.text_id is not None else ""
+            piece = self.session.words.piece(out.text_id) if out.text_id is not None else ""
             if piece:  # before the frame's audio, as the official server's come (a client pairs them so)
                 await self.ws.send_bytes(bytes([TEXT]) + piece.encode())
             audio = self.writer.append_pcm(out.pcm)
@@ -215,11 +211,7 @@ class ChatCall:
 
     async def _finish(self) -> None:
         """Say why the call ended (unless the client ended it), close, and log it once."""
-        ending = await asyncio.to_thread(self.session.close)
-        assert ending is not None
-        if ending.reason != "refused":
-            logger.info("chat %s: ended (%s) after %s; %s", self.tag, ending.reason, clock_text(self.session.elapsed_s),
-                        self.session.stats)
+        ending = await self.call.close()
         if self.ws.client_state is not WebSocketState.CONNECTED or ending.reason == "stopped":
             return
         try:

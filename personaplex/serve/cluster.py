@@ -3,7 +3,7 @@
 Implements:
   * `EngineReplica`: the Serve deployment. One replica is one `Service` (one engine: a GPU, or a
     few CPU cores) behind a FastAPI ingress: `/api/chat` (the Moshi/PersonaPlex protocol,
-    `personaplex.api_chat`), `/api/status` (readiness, voices, slots and calls, as JSON) and
+    `serve.api_chat`), `/api/status` (readiness, voices, slots and calls, as JSON) and
     `/api/voices` (a custom voice clip, encoded here and kept in `VoiceStore` for the others).
   * `VoiceStore`: one small deployment that keeps uploaded voice clips where every replica can
     fetch them (a call with a custom voice may land on any replica).
@@ -47,9 +47,9 @@ from starlette.responses import JSONResponse
 from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
-from ..runtime.session import REALTIME, Limits
 from .api_chat import PATH, ChatDoor
-from .service import CUSTOM_VOICE_PREFIX, MAX_UPLOAD_BYTES, Service, Settings
+from .contract import CUSTOM_VOICE_PREFIX, MAX_UPLOAD_BYTES, REALTIME, Limits
+from .service import Service, Settings
 
 logger = logging.getLogger(__name__)
 
@@ -240,7 +240,7 @@ class EngineReplica:
 
     async def _custom_voice(self, key: str) -> None:
         """A call asks for a custom voice this replica has not encoded: fetch it from the store."""
-        if self.service.has_voice(key):
+        if self.service.voices.has(key):
             return
         data = await self.voices.get.remote(key)
         if data is not None:

@@ -13,7 +13,7 @@ import math
 from typing import Any
 
 from ..errors import SettingsError
-from ..model.sampling import SamplingParams, random_seed
+from ..model.config import SamplingParams, random_seed
 
 RANDOM_SEED = -1
 

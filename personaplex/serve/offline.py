@@ -19,12 +19,11 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model.config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, load_config
+from ..model.config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, SamplingParams, load_config, random_seed
 from ..model.generate import PromptFrames
-from ..model.loading import DEFAULT_REPO, CheckpointError, list_voices, load_models, resolve_checkpoint
+from ..model.loading import DEFAULT_REPO, CheckpointError, load_models, resolve_checkpoint, voice_files
 from ..model.persona import VoicePrompt
-from ..model.sampling import SamplingParams, random_seed
-from ..model.text import piece_label
+from ..model.text import Words
 from ..runtime.audio import frames_of, read_audio, write_wav
 from ..runtime.engine import Engine
 
@@ -92,7 +91,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _voice(engine: Engine, value: str, voice_dir: str | None) -> VoicePrompt:
     """A name of the voice table (with or without `.pt`), else a file path given by the user."""
-    table = list_voices(Path(voice_dir)) if voice_dir else engine.models.voices
+    table = voice_files(Path(voice_dir)) if voice_dir else engine.models.voices
     name = value[:-3] if value.endswith(".pt") else value
     if name in table:
         return engine.voice_from_file(table[name])
@@ -121,7 +120,7 @@ def run(args: argparse.Namespace) -> None:
         result = converse(engine, user_pcm, prompt, sampling, on_frame=lambda done, total: bar.update(1),
                           keep_persona=args.keep_persona)
     write_wav(args.output_wav, result.pcm)
-    labels = [piece_label(t, models.tokenizer) for t in result.text_ids]
+    labels = [Words(models.tokenizer).label(t) for t in result.text_ids]
     Path(args.output_text).write_text(json.dumps(labels, ensure_ascii=False))
     logger.info("wrote %s (%.2f s) and %s (%d frames)", args.output_wav, result.pcm.size / 24000, args.output_text, len(labels))
 

@@ -1,4 +1,4 @@
-"""Remote: calls whose engine is a cluster (`personaplex.cluster`), behind the same faces as local ones.
+"""Remote: calls whose engine is a cluster (`serve.cluster`), behind the same contract as a local one.
 
 Implements:
   * `RemoteLink`: the engine's side of one session's port, played over the `/api/chat` protocol.
@@ -6,12 +6,13 @@ Implements:
     audio that comes back answers the oldest frame on its way (`Port.answer`), with the text piece
     that came before it. The handshake makes the call live; a kind-5 message or a lost connection
     ends it with its reason. The caller keeps a plain `Session`: the same timeline, captions,
-    recording and endings as with a local engine.
-  * `RemoteService`: what the app needs of `Service` when the engine is a cluster: its status and
+    recording and endings as with a local engine; the link is how its text reads (`Words`).
+  * `RemoteService`: the `CallService` contract when the engines are a cluster's: its status and
     voices (polled from the cluster's `/api/status`), custom voices (sent to `/api/voices`, kept
     there for every replica), calls (`start_call` opens a link and returns once the cluster has
     taken the call, or raises its refusal) and the files calls leave (kept here, in front).
     Voice previews and offline runs need an engine of the page's own: they say so.
+Nothing here imports torch: a page in front of a cluster runs in a small CPU container.
 """
 
 from __future__ import annotations
@@ -29,25 +30,27 @@ from urllib.parse import urlencode, urlsplit, urlunsplit
 
 import numpy as np
 
-from ..errors import UserError
-from ..model.config import SAMPLE_RATE, TEXT_PAD_ID
-from ..model.sampling import SamplingParams
-from ..runtime.audio import AudioError, FrameBuffer, normalize_loudness, read_audio, write_wav
+from ..model.config import TEXT_PAD_ID
+from ..runtime.audio import FrameBuffer, normalize_loudness, write_wav
 from ..runtime.framing import TickGrid
 from ..runtime.port import Port
-from ..runtime.recording import FileStore
-from ..runtime.session import Session
 from .api_chat import AUDIO, ERROR, HANDSHAKE, PROMPT_WAIT_S, TEXT, chat_query
-from .service import (
-    CUSTOM_VOICE_SECONDS,
+from .contract import (
     FILES_GRACE_S,
-    MAX_UPLOAD_BYTES,
+    SAMPLE_RATE,
+    AudioError,
+    CallSettings,
     CustomVoice,
     EngineFigures,
-    NotReady,
+    FileStore,
+    OfflineResult,
+    Session,
     State,
     Status,
     Summary,
+    UserError,
+    read_voice_clip,
+    require_ready,
 )
 
 logger = logging.getLogger(__name__)
@@ -83,9 +86,13 @@ class RemoteLink:
         self._pending_text = TEXT_PAD_ID
         self._ws = None
 
-    def describe(self, text_id: int) -> str:
+    def caption(self, text_id: int) -> str:
         """A piece that came back, as people read it (any thread)."""
-        return CONTROL_PIECE.sub("", self._pieces.get(text_id, ""))
+        return CONTROL_PIECE.sub("", self.piece(text_id))
+
+    def piece(self, text_id: int) -> str:
+        """A piece that came back, as the cluster sent it (any thread)."""
+        return self._pieces.get(text_id, "")
 
     async def open(self, keep_persona: bool) -> None:
         """Connect and wait for the handshake; raises the cluster's refusal (kind 5) or why it
@@ -172,7 +179,9 @@ class RemoteLink:
 
 
 class RemoteService:
-    """`Service`'s face for a page in front of an engine cluster (see the module docstring)."""
+    """The `CallService` contract for a page in front of an engine cluster (see the module docstring)."""
+
+    has_model = False
 
     def __init__(self, url: str) -> None:
         parts = urlsplit(url)
@@ -263,10 +272,6 @@ class RemoteService:
     def context_s(self) -> float:
         return float(self._report.get("context_s", 240.0))
 
-    @property
-    def shortfalls(self) -> list[str]:
-        return []
-
     def voice_names(self) -> list[str]:
         return [str(v) for v in self._report.get("voices", [])]
 
@@ -276,16 +281,8 @@ class RemoteService:
         replica, keyed for `owner`); the clip as the model hears it is kept here to play back."""
         import httpx
 
-        self._require_ready()
-        path = Path(path)
-        if not path.is_file():
-            raise AudioError(f"{path.name}: the clip is not on the server (any more): upload it again")
-        if path.stat().st_size > MAX_UPLOAD_BYTES:
-            raise AudioError(f"the file is larger than {MAX_UPLOAD_BYTES // 2**20} MB: upload a short clip of speech")
-        low, high = CUSTOM_VOICE_SECONDS
-        pcm = read_audio(path, max_seconds=high)
-        if not low <= pcm.size / SAMPLE_RATE <= high:
-            raise AudioError(f"the clip is {pcm.size / SAMPLE_RATE:.1f} s long; use {low:g} to {high:g} s of speech")
+        require_ready(self._status)
+        pcm = read_voice_clip(path)
         try:
             answer = httpx.post(f"{self.base_url}/api/voices?{urlencode({'owner': owner})}", content=path.read_bytes(),
                                 timeout=60).json()
@@ -300,22 +297,18 @@ class RemoteService:
     def voice_preview(self, voice: str) -> Path:
         raise UserError("voice previews need a model on this server; this page sends its calls to an engine cluster")
 
-    def run_offline(self, *args: object, **kwargs: object) -> None:
+    def run_offline(self, settings: CallSettings, user_pcm: np.ndarray, progress: Callable[[int, int], None] | None = None,
+                    waiting: Callable[[str], None] | None = None) -> OfflineResult:
         raise UserError("the offline tab needs a model on this server; this page sends its calls to an engine cluster")
 
     # --- calls ---------------------------------------------------------------------------------
-    def start_call(self, session: Session, voice: str, role: str, sampling: SamplingParams,
-                   keep_persona: bool = True) -> None:
+    def start_call(self, session: Session, settings: CallSettings) -> None:
         """Send the call to the cluster (from a thread other than the link's loop): returns once
         a replica has run the persona's prompt, or raises its refusal."""
-        self._require_ready()
-        url = f"{self.chat_url}?{urlencode(chat_query(voice, role, sampling, keep_persona))}"
+        require_ready(self._status)
+        url = f"{self.chat_url}?{urlencode(chat_query(settings))}"
         link = RemoteLink(session.port, url, self._loop)
-        session.describe = link.describe
-        asyncio.run_coroutine_threadsafe(link.open(keep_persona), self._loop).result()
+        session.words = link
+        asyncio.run_coroutine_threadsafe(link.open(settings.keep_persona), self._loop).result()
         with self._lock:
             self._links = [other for other in self._links if not other.port.ended] + [link]
-
-    def _require_ready(self) -> None:
-        if not self._status.ready:
-            raise NotReady(f"the model is not ready: {self._status.message}")
