@@ -286,7 +286,11 @@ def open_service(args: argparse.Namespace) -> tuple[CallService, str]:
         from personaplex.serve.remote import RemoteService
 
         return RemoteService(args.engine_url), ""
-    from personaplex.serve.service import Service, Settings, on_the_tiny_model
+    try:
+        from personaplex.serve.service import Service, Settings, on_the_tiny_model
+    except ImportError as exc:  # a page-only install (requirements-front.txt): no torch here
+        raise SystemExit(f"no model can run here ({exc}): install requirements.txt, or give --engine-url "
+                         "ws://HOST:PORT/api/chat (PERSONAPLEX_ENGINE_URL) to send the calls to an engine cluster") from exc
 
     asked = Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions)
     tiny = on_the_tiny_model(asked, TINY_CHECKPOINT)

@@ -110,7 +110,7 @@ class ProbeApp(App):
             return f.read().decode(errors="replace")
 
     def stores(self) -> list[Path]:
-        """The app's own file store (personaplex.recording.FileStore: a personaplex-files-* folder)."""
+        """The app's own file store (personaplex.runtime.recording.FileStore: a personaplex-files-* folder)."""
         return sorted(p for p in self.tmp.glob("personaplex-files-*") if p.is_dir())
 
     def stop(self) -> None:

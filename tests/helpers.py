@@ -106,15 +106,20 @@ def start_tiny_service(max_sessions: int = 2):
 
 
 def without_torch() -> dict[str, str]:
-    """The environment of a Python where `import torch` fails (a `sitecustomize` on its path
-    blocks it): what a page in front of a cluster runs in, in a small CPU container."""
+    """The environment of a Python where `import torch` fails as if torch were not installed (a
+    `sitecustomize` on its path refuses to find it): what a page in front of a cluster runs in,
+    in a small CPU container. (Not `sys.modules["torch"] = None`: libraries that look for torch
+    in `sys.modules`, as SciPy does, would take that None for torch.)"""
     import os
 
     folder = Path(tempfile.mkdtemp(prefix="no-torch-"))
     (folder / "sitecustomize.py").write_text(
         "import sys\n"
-        "for name in ('torch', 'torchaudio', 'torchvision'):\n"
-        "    sys.modules[name] = None  # import torch -> ImportError\n"
+        "class NoTorch:  # as if it were not installed: import torch -> ModuleNotFoundError\n"
+        "    def find_spec(self, name, path=None, target=None):\n"
+        "        if name.split('.')[0] in ('torch', 'torchaudio', 'torchvision'):\n"
+        "            raise ModuleNotFoundError(f'No module named {name!r}', name=name)\n"
+        "sys.meta_path.insert(0, NoTorch())\n"
     )
     return {"PYTHONPATH": os.pathsep.join(filter(None, [str(folder), os.environ.get("PYTHONPATH")]))}
 

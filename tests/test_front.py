@@ -60,8 +60,55 @@ def test_imports_run_only_downward():
 def test_the_contract_and_the_session_side_import_no_torch():
     import subprocess
 
-    script = ("import sys\nsys.modules['torch'] = None\n"
-              "import personaplex.serve.contract, personaplex.serve.call, personaplex.serve.remote, personaplex.serve.api_chat\n"
-              "import web.handler, web.events, web.call_page\n")
-    run = subprocess.run([sys.executable, "-c", script], cwd=str(ROOT), capture_output=True, text=True, timeout=120)
+    import os
+
+    script = ("import personaplex.serve.contract, personaplex.serve.call, personaplex.serve.remote, personaplex.serve.api_chat\n"
+              "import web.handler, web.events, web.call_page\n"
+              "from personaplex.runtime.audio import normalize_loudness, read_audio\n"  # the codecs too (SciPy looks for torch)
+              "from personaplex.serve.contract import read_voice_clip\n"
+              "print(normalize_loudness(read_voice_clip('examples/voice_sample.wav')).size)\n")
+    run = subprocess.run([sys.executable, "-c", script], cwd=str(ROOT), capture_output=True, text=True, timeout=120,
+                         env={**os.environ, **without_torch()})
     assert run.returncode == 0, run.stderr[-2000:]
+
+
+def test_both_services_implement_the_contract():
+    """`Service` and `RemoteService` have every member of `CallService`, methods with its parameters."""
+    import inspect
+
+    from personaplex.serve.contract import CallService
+    from personaplex.serve.remote import RemoteService
+    from personaplex.serve.service import Service
+
+    members = [name for name in dir(CallService) if not name.startswith("_")] + list(CallService.__annotations__)
+    for cls in (Service, RemoteService):
+        for name in members:
+            wanted = getattr(CallService, name, None)
+            if callable(wanted):
+                got = getattr(cls, name, None)
+                assert callable(got), f"{cls.__name__}.{name} is missing"
+                assert list(inspect.signature(got).parameters) == list(inspect.signature(wanted).parameters), (cls, name)
+            elif isinstance(wanted, property):
+                assert isinstance(getattr(cls, name, None), property) or name in vars(cls), f"{cls.__name__}.{name}"
+    assert Service.has_model and not RemoteService.has_model
+
+
+def test_a_page_only_install_says_what_it_needs_to_run_a_model():
+    import os
+    import subprocess
+
+    env = {**os.environ, **without_torch()}
+    run = subprocess.run([sys.executable, "app.py", "--port", str(free_port())], cwd=str(ROOT), env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0 and "no model can run here" in run.stderr and "--engine-url" in run.stderr
+
+
+def pins(path: Path) -> dict[str, str]:
+    lines = [line.split("#")[0].strip() for line in path.read_text().splitlines()]
+    return dict(line.split("==") for line in lines if "==" in line)
+
+
+def test_the_front_image_installs_the_apps_pins_without_torch():
+    front, full = pins(ROOT / "requirements-front.txt"), pins(ROOT / "requirements.txt")
+    assert "torch" not in front and all(full.get(name) == version for name, version in front.items())
+    assert "requirements-front.txt" in (ROOT / "deploy" / "Dockerfile.front").read_text()

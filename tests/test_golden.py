@@ -68,8 +68,8 @@ def test_depformer_teacher_forced_logits_match_reference(models, expected):
         prev = expected["dep_forced_tokens"][step : step + 1]
     logits = torch.stack(logits)
     # Steps 0..14 match. At step 15 (the user's codebook 7, always teacher-forced, its sample
-    # discarded) the reference's 16-entry ring hides step 0's key: the fork's ring bug
-    # (REFERENCE_SPEC 3.4.4), which we do not reproduce (decision 1). Our step 15 is checked
+    # discarded) the reference's 16-entry ring hides step 0's key: the fork's ring bug, which we
+    # do not reproduce (README, "Where we differ from the reference", 1). Our step 15 is checked
     # against the whole-sequence depformer in test_invariants.
     torch.testing.assert_close(logits[:15], expected["dep_logits"][:15], atol=FLOAT_TOL, rtol=0)
     assert (logits[15] - expected["dep_logits"][15]).abs().max() > FLOAT_TOL

@@ -99,7 +99,7 @@ def details_html(session: Session, figures: CallFigures, held: str = "") -> str:
     heard = max(1, s.frames_in + s.too_fast)
     rows = [
         ("connection", f"{figures.connection}; the call is {PHASE_TEXT[session.phase]}"),
-        ("engine tick", f"{tick_ms:.1f} ms for an 80 ms frame (real-time factor {tick_ms / 80:.2f})"
+        ("engine tick", f"{tick_ms:.1f} ms for an 80 ms frame (real-time factor {tick_ms / 1000 / FRAME_S:.2f})"
                         + (" — near its limit" if tick_ms > BEHIND_TICK_MS else "")),
         ("your audio dropped", f"{s.too_fast + s.unheard} of {heard} frames ({100 * (s.too_fast + s.unheard) / heard:.1f} %)"),
         ("the model's audio dropped", f"{s.silent_out + s.dropped_out} frames answered with silence or not taken"),

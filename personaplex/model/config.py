@@ -334,7 +334,8 @@ def config_from_reference_dict(raw: dict[str, Any]) -> ModelConfig:
 
 
 def validate(config: ModelConfig) -> None:
-    """Check the constraints that the PersonaPlex pipeline hard-codes (REFERENCE_SPEC 9.1)."""
+    """Check the constraints that the PersonaPlex pipeline hard-codes: 16 audio streams with their 17
+    delays, Mimi's bins as the LM's audio vocabulary, 1920 samples a frame, 8 codebooks, even head widths."""
     lm, mimi = config.lm, config.mimi
     if lm.n_q != 2 * CODES_PER_STREAM or len(lm.delays) != lm.num_streams:
         raise ConfigError(f"lm.n_q must be {2 * CODES_PER_STREAM} with {2 * CODES_PER_STREAM + 1} delays")

@@ -11,7 +11,7 @@ Implements the PersonaPlex step of the reference's `LMGen` for a batch of indepe
   * what the runtime asks of the attention window: `pin_prompt`, `park`, `fill_windows`;
   * per-slot sampling settings and random streams (`set_sampling`).
 
-Frame timing (REFERENCE_SPEC 4.3): the transformer at offset o reads ring column o-1 and
+Frame timing, as in the reference: the transformer at offset o reads ring column o-1 and
 predicts column o. Agent codebooks 1..7 are delayed by one frame, so the frame returned at
 offset o is text + codebook 0 from o-1 with codebooks 1..7 from o. The reference discards
 everything given at offset 0 and runs no transformer there; `reset` therefore leaves a slot

@@ -217,7 +217,7 @@ _COPIED_STEPS = tuple(zip(range(8), range(8, 16)))
 
 
 def patch_state_dict(state: dict[str, torch.Tensor], expected: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
-    """The one place where checkpoint tensors are renamed, expanded or copied (REFERENCE_SPEC 1.2).
+    """The one place where checkpoint tensors are renamed, expanded or copied, as the reference's loader does.
 
     1. legacy codebook buffer names; 2. depformer attention weights of 8 steps concatenated with
     themselves to 16 steps; 3. missing per-step weights 8..15 copied from 0..7. A release

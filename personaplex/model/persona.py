@@ -4,7 +4,7 @@ Implements:
   * `VoicePrompt`: a voice as Mimi codes of its audio, or as the reference's saved `.pt`
     (the input embeddings of frames 1..N-1 and the token ring after the voice);
   * `voice_frames(pcm)`: a voice clip as Mimi's input (`Engine.voice_pieces` encodes it);
-  * `build_prompt(voice, role_tokens, cfg)`: the PersonaPlex system prompt (REFERENCE_SPEC 4.6):
+  * `build_prompt(voice, role_tokens, cfg)`: the PersonaPlex system prompt, as the reference builds it:
     the voice, 0.5 s of silence, the role text, 0.5 s of silence. During all of it the user
     stream carries the "sine" tokens and the agent's text is padding, except for the role
     tokens; the agent's audio is the voice, then the silence tokens.

@@ -9,7 +9,7 @@ The noise is a hash of (slot seed, slot step, stream, vocabulary index) instead 
 `torch.Generator`: each conversation gets its own reproducible stream whatever else runs in the
 batch, the whole batch is one set of tensor ops with no host synchronisation, and it is safe to
 capture in a CUDA graph. It does not reproduce the reference's random numbers, which depend on
-the order of every draw on the device (REFERENCE_SPEC 8.17; decision 5).
+the order of every draw on the device (README, "Where we differ from the reference", 5).
 """
 
 from __future__ import annotations

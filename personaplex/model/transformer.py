@@ -7,13 +7,13 @@ Every matrix is an `nn.Linear`; the state dict keeps the release checkpoint's na
 (`self_attn.in_proj_weight`, `norm1.alpha`, `gating.linear_in`, `linear1`, `layer_scale_1.scale`,
 ...; `release_names`).
 
-Ring KV cache semantics (REFERENCE_SPEC decision 1): a query at position p attends to the keys
+Ring KV cache semantics (README, "Where we differ from the reference", 1): a query at position p attends to the keys
 at positions p-context+1 .. p, exactly, at every length. The reference fork labels the oldest
 ring entry with a future position once the ring has wrapped and so hides it; upstream Kyutai
 fixed that and the models were trained without it, so we implement the correct window. The
 fork and this code therefore agree until the first wrap (Mimi frame 124, LM step 3000).
 
-Pinned prompt (REFERENCE_SPEC's "where we differ", issue "the persona stays"): with `pinning`
+Pinned prompt (README, "Where we differ from the reference", 6): with `pinning`
 on, a slot whose `pinned` count P > 0 keeps the keys and values of its first P steps (the system
 prompt) in ring entries 0..P-1 for the whole conversation; later steps slide through the other
 `context - P` entries. Positions are cache-relative: once the window is full, the query is

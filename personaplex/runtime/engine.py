@@ -13,13 +13,16 @@ Implements `Engine`:
     LM step, Mimi decode of the agent's codes -> `Frame` (agent audio and text ids);
     `step_host`: the same from and to pinned host buffers, with asynchronous copies.
 Every state tensor has a leading slot dimension and every slot its own offsets, so slots start
-and stop independently while the others keep talking. No host synchronisation in `step`.
+and stop independently while the others keep talking. No host synchronisation in `step`. The
+tick's hot pieces are compiled (`compiled`) and each bucket's tick captured in a CUDA graph
+(`graphs`) on a GPU; the model itself knows nothing of either. (Some 400 lines: one class, a
+slot's whole life on the device, whose every method moves the same states.)
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Generator, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,6 +50,7 @@ from .audio import normalize_loudness, read_audio
 from .batch_graphs import tracing_every_batch
 from .compiled import TickPieces, compile_enabled, compile_tick, compiled_pieces, eager_pieces, prefix_route
 from .graphs import StepGraphs, graphs_enabled
+from .host import HostBuffers, HostFrame
 
 logger = logging.getLogger(__name__)
 
@@ -64,36 +68,6 @@ class Frame:
     @property
     def text(self) -> torch.Tensor:
         return self.tokens[:, 0]  # PAD / EPAD when the agent says nothing new
-
-
-@dataclass
-class HostFrame:
-    """A tick's results in host memory; read them once `ready()` is true."""
-
-    pcm: np.ndarray  # [B, 1920] float32 agent audio
-    text: np.ndarray  # [B] int64 text ids
-    ready: Callable[[], bool]
-
-
-class HostBuffers:
-    """Pinned host buffers for the tick's input and outputs (plain ones without CUDA), so that
-    the copies to and from the device are asynchronous and the device can be waited on."""
-
-    def __init__(self, num_slots: int, device: torch.device) -> None:
-        self.device = device
-        pinned = device.type == "cuda"
-        self.pcm_in = torch.zeros(num_slots, FRAME_SIZE, pin_memory=pinned)
-        self.pcm_out = torch.zeros(num_slots, FRAME_SIZE, pin_memory=pinned)
-        self.text_out = torch.zeros(num_slots, dtype=torch.long, pin_memory=pinned)
-
-    def event(self) -> Callable[[], bool]:
-        """A test of whether the work queued so far on the device is done."""
-        if self.device.type != "cuda":
-            return lambda: True
-        with torch.cuda.device(self.device):
-            done = torch.cuda.Event()
-            done.record()
-        return done.query
 
 
 class Engine:

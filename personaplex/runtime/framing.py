@@ -6,7 +6,7 @@ Implements:
     in front of the next samples (up to one frame; every sample is kept, in order) so that the
     call's frames end with the chunks that arrive closest before a tick (`best_shift`). The
     wait for a tick is then at most one of the client's chunks, whatever its phase.
-Math only: `personaplex.session` feeds it and applies the shift.
+Math only: `runtime.session` feeds it and applies the shift.
 """
 
 from __future__ import annotations

@@ -2,9 +2,9 @@
 
 Implements:
   * `Port`: one conversation's 80 ms frames between the two threads that touch them, under one
-    lock. The caller's side (`personaplex.session.Session`) puts the user's frames in (`accept`)
+    lock. The caller's side (`runtime.session.Session`) puts the user's frames in (`accept`)
     and takes them back answered, in order (`next_frame`, `next_frame_async`); the engine's side
-    (`personaplex.worker.EngineWorker`, which holds the port while it has a slot) binds it to a
+    (`runtime.worker.EngineWorker`, which holds the port while it has a slot) binds it to a
     slot (`bind`), opens it once the system prompt has run (`go_live`), takes one frame a tick
     (`take`) and answers it (`answer`). Neither side knows the other: the session never calls the
     worker and the worker never sees the session. The port rings the doorbell the worker gave it
@@ -20,6 +20,9 @@ A tick that finds no input steps the slot with silence (the other slots cannot w
 has no input frame to answer and is dropped. A tick takes one frame; a backlog (a late frame, a
 burst after a network stall) would leave the call late for good, so quiet backlog frames are
 skipped, and beyond `Limits.max_queued` frames the oldest go unheard.
+
+(Some 400 lines: one class under one lock; the real-time rules change the same queues and are
+kept together so that none is read apart from the others.)
 """
 
 from __future__ import annotations

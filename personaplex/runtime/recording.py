@@ -3,7 +3,7 @@
 Implements:
   * `CallRecording`: the stereo recording (user left, model right, 24 kHz 16-bit wav) written
     frame by frame as the call goes, so no audio is held in memory, capped in length, with the
-    transcript (`personaplex.transcript`) written next to it when the call ends;
+    transcript (`runtime.transcript`) written next to it when the call ends;
   * `FileStore`: the folder where recordings and offline results live, each in a folder with an
     unguessable name; a recording is found only with its owner's token and its call id (never
     a client-chosen id alone); the oldest folders are deleted beyond a count and after an age.

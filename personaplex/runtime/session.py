@@ -8,11 +8,11 @@ Implements:
     it, or silence while the system prompt loads, for input it had to drop, and when the
     engine's answer is late. So the output never runs more than `Limits.max_delay_s` (plus one
     tick in flight) behind the input, whatever the client or the engine does (the rules are the
-    port's: `personaplex.port`). One idle timeout and an optional time limit end the session.
+    port's: `runtime.port`). One idle timeout and an optional time limit end the session.
     The text and the recording are built on the threads that push and take audio, never on
     the engine thread.
   * Framing aligned to the engine's tick: the session shifts where its frames begin, once,
-    as `personaplex.framing` chooses (zeros in front, every sample kept).
+    as `runtime.framing` chooses (zeros in front, every sample kept).
   * `Output`, and `Words`: how the call's text ids read, given by whoever starts the call (the
     model's tokenizer, or a cluster's pieces); `Limits` (`REALTIME`, `OFFLINE`), `Ending`,
     `Phase` and `SessionStats` come from the port.

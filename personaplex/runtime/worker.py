@@ -7,14 +7,14 @@ Implements:
     a custom voice's encoding) in pieces, as many as fit before the next tick, and moves a
     conversation to a lower slot when that shrinks every tick's bucket, and parks the free
     slots of the bucket (`Engine.park`: their attention stays empty). It sees a call only
-    through its `Port` (`personaplex.port`), never the session behind it, and runs no app
+    through its `Port` (`runtime.port`), never the session behind it, and runs no app
     code: a session's consumers build text and recordings on their own threads. When every
     slot is taken, `open` raises `Busy`.
 
 The schedule. While a real-time call is live, ticks keep to a fixed grid (`TickGrid`, one
 point every 80 ms): a tick runs at the first grid point where some call has a frame, and
 each real-time call shifts its framing once so that its frames are complete just before
-the grid points (`personaplex.session`), so no call waits for another; a call that is alone
+the grid points (`runtime.session`), so no call waits for another; a call that is alone
 moves the grid to its own frames (`Port.framing_wait`). A call whose frame is late
 hears silence for that tick; nobody waits for it. With only calls fed from a recording
 (offline runs, voice previews), ticks run back to back, a job's piece after each. A job's pieces run in the time left

@@ -105,7 +105,7 @@ def chat_voice(value: str | None, voices: list[str], default_voice: str, custom:
 
 def _query_number(name: str, text: str) -> Any:
     """A query value as the number it spells (int, else float); as given if it is none, for
-    `personaplex.inputs` to say what is wrong with it."""
+    `serve.inputs` to say what is wrong with it."""
     for kind in (int, float):
         try:
             return kind(text)
