@@ -58,9 +58,8 @@ def test_imports_run_only_downward():
 
 
 def test_the_contract_and_the_session_side_import_no_torch():
-    import subprocess
-
     import os
+    import subprocess
 
     script = ("import personaplex.serve.contract, personaplex.serve.call, personaplex.serve.remote, personaplex.serve.api_chat\n"
               "import web.handler, web.events, web.call_page\n"

@@ -284,7 +284,7 @@ class RemoteService:
         require_ready(self._status)
         pcm = read_voice_clip(path)
         try:
-            answer = httpx.post(f"{self.base_url}/api/voices?{urlencode({'owner': owner})}", content=path.read_bytes(),
+            answer = httpx.post(f"{self.base_url}/api/voices?{urlencode({'owner': owner})}", content=Path(path).read_bytes(),
                                 timeout=60).json()
         except (httpx.HTTPError, json.JSONDecodeError) as exc:
             raise EngineUnavailable(f"the engine cluster did not take the clip ({type(exc).__name__}): try again") from exc
