@@ -2,7 +2,8 @@
 
 Implements the reference's offline CLI (same flags, same outputs: a mono 24 kHz wav exactly as
 long as the input, and a JSON list with one string per frame: "PAD", "EPAD" or the piece) and
-`converse`, the frame loop shared with the app's offline tab.
+`converse`, its frame loop on one slot of an engine (the long-call benchmark runs it too; the
+app's offline tab goes through the service's engine thread instead, `Service.run_offline`).
 """
 
 from __future__ import annotations
