@@ -37,9 +37,11 @@ from starlette.routing import WebSocketRoute
 from personaplex.serve import api_chat, inputs
 from personaplex.serve.contract import (
     CUSTOM_VOICE_SECONDS,
+    KV_FORMATS,
     MAX_TOP_K,
     REALTIME,
     SEED_MAX,
+    WEIGHT_FORMATS,
     CallService,
     Limits,
     SamplingParams,
@@ -78,6 +80,7 @@ PREVIEWS_AT_ONCE = 1  # voice previews made at once (each holds a slot for a mom
 SESSIONS_KEPT = 500  # page sessions whose state Gradio keeps (110 KB each, measured); an open page stays (its status ticks)
 PAGE_UP = "the page is up"  # logged with its address once the server listens
 PUBLIC_API = ("generate_offline", "upload_voice", "preview_voice", "voices", "personas")
+WEIGHTS = ("auto", *WEIGHT_FORMATS)  # auto: bf16 where 8 conversations fit beside it, else int8
 
 
 # --- the page --------------------------------------------------------------------------------
@@ -292,7 +295,7 @@ def open_service(args: argparse.Namespace) -> tuple[CallService, str]:
         raise SystemExit(f"no model can run here ({exc}): install requirements.txt, or give --engine-url "
                          "ws://HOST:PORT/api/chat (PERSONAPLEX_ENGINE_URL) to send the calls to an engine cluster") from exc
 
-    asked = Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions)
+    asked = Settings(args.checkpoint, args.hf_repo, args.config, args.device, args.max_sessions, args.weights, args.kv_cache)
     tiny = on_the_tiny_model(asked, TINY_CHECKPOINT)
     if tiny is None:
         return Service(asked), ""
@@ -317,6 +320,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--device", default=env("DEVICE"), choices=[None, "cpu", "cuda"], help="default: cuda if available")
     p.add_argument("--max-sessions", type=int, default=int(env("MAX_SESSIONS", "0")) or None,
                    help="concurrent conversations (default: what fits the device's memory)")
+    p.add_argument("--weights", choices=WEIGHTS, default=env("WEIGHTS", "auto"),
+                   help="the LM's weights: 8 bits halve them (auto: bf16 where 8 conversations fit beside them, else int8)")
+    p.add_argument("--kv-cache", choices=KV_FORMATS, default=env("KV_CACHE", "bf16"),
+                   help="each conversation's KV cache: fp8 halves it")
     p.add_argument("--time-limit", type=float, default=float(env("TIME_LIMIT", "600")), help="seconds per call (0: none)")
     p.add_argument("--idle-timeout", type=float, default=float(env("IDLE_TIMEOUT", str(REALTIME.idle_timeout_s))),
                    help="seconds without audio from the caller before a call is closed")
@@ -324,7 +331,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="run no model here: send every call to the engine cluster at ws://HOST:PORT/api/chat")
     p.add_argument("--ssl-certfile", help="serve https and wss with this certificate (NVIDIA's web client needs wss)")
     p.add_argument("--ssl-keyfile", help="the certificate's key")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    for name, value, known in (("WEIGHTS", args.weights, WEIGHTS), ("KV_CACHE", args.kv_cache, KV_FORMATS)):
+        if value not in known:  # (argparse checks what is typed, not the environment's default)
+            p.error(f"PERSONAPLEX_{name}={value!r}: use one of {', '.join(known)}")
+    return args
 
 
 def main(argv: list[str] | None = None) -> None:

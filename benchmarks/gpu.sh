@@ -13,18 +13,22 @@
 # (graphs on and off, every ring full, memory) and one layer's attention both ways, each step
 # under its own time limit (8 minutes in all). Compiled figures then come from a second command:
 #   python -m benchmarks.step --device cuda --preset 7b --sessions 1,8 --ticks 300
-# benchmarks/gpu.sh --first: the first GPU time in one 10-minute call with a minute to spare
+# benchmarks/gpu.sh --first: the first GPU time in one 10-minute call with half a minute to spare
 # (cold Inductor cache): the device and versions, the GPU tests, the 7B in bf16 uncompiled at 1,
 # 2, 8 and as many sessions as fit (young rings; then every ring full, each count with its graph and
 # without; memory per slot against the estimate), the 7B compiled with 8 slots at 1 and 8
-# sessions with its compile time and route, one layer's attention;
+# sessions with its compile time and route, one layer's attention, and the 7B with int8 weights
+# and the fp8 cache, uncompiled, at 1, 8 and as many sessions as fit (their memory per slot);
 # each step time-stamped and under its own limit, every figure written as it is measured.
+# benchmarks/gpu.sh --formats: the 8-bit formats in a second 10-minute call: int8 and fp8
+# weights with the fp8 cache at 1, 8 and as many sessions as fit (graphs on and off, memory), then
+# compiled with 8 slots.
 # GPU_OUT names the folder for the JSON and the log (default benchmarks/out). On a machine with
 # no package index, see benchmarks/device_wheels.sh.
 set -euo pipefail
 case "${1:-}" in
     -h|--help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;  # the comments above: usage, nothing run
-    ""|--quick|--first) ;;
+    ""|--quick|--first|--formats) ;;
     *) echo "unknown option: $1 (see benchmarks/gpu.sh --help)" >&2; exit 2 ;;
 esac
 cd "$(dirname "$0")/.."
@@ -44,7 +48,7 @@ if [ "${1:-}" = --first ]; then
     at "GPU tests: graphs replay eager, the prefix route in a graph"
     timeout 100 "$PY" -m pytest -q tests/test_gpu.py -k "prefix_route or not compiled" || status=1
     at "7B, bf16, uncompiled: 1, 2, 8 and as many sessions as fit; on full rings graphs on, then off; memory per slot"
-    timeout 230 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,2,8,max --ticks 200 --no-compile --eager-too \
+    timeout 190 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,2,8,max --ticks 150 --no-compile --eager-too \
         --rows "${json%.json}-first-rows.jsonl" --json > "${json%.json}-first.json" || status=$?
     bench step "${json%.json}-first.json"
     at "7B, bf16, compiled, 8 slots (one graph per piece for buckets 2, 4 and 8), 1 and 8 sessions: compile time (the engine row), route"
@@ -52,9 +56,29 @@ if [ "${1:-}" = --first ]; then
         --rows "${json%.json}-compiled-rows.jsonl" --json > "${json%.json}-compiled.json" || status=$?
     bench step "${json%.json}-compiled.json"
     at "one layer's attention, 7B heads, plain"
-    timeout 40 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 \
+    timeout 30 "$PY" -m benchmarks.attention --device cuda --sessions 1,64 --reps 100 \
         --rows "${json%.json}-attention-rows.jsonl" --json > "${json%.json}-attention.json" || status=$?
     bench attention "${json%.json}-attention.json"
+    at "7B, int8 weights, fp8 KV cache, uncompiled: 1, 8 and as many sessions as fit; memory per slot"
+    timeout 80 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,max --ticks 60 --repeats 1 --no-compile \
+        --weights int8 --kv-cache fp8 --rows "${json%.json}-int8-rows.jsonl" --json > "${json%.json}-int8.json" || status=$?
+    bench step "${json%.json}-int8.json"
+    at "done: $out/gpu-$stamp* (exit $status); the 8-bit formats in full: benchmarks/gpu.sh --formats"
+    exit "$status"
+fi
+if [ "${1:-}" = --formats ]; then
+    at() { echo "== $(date -u +%H:%M:%S) $*"; }
+    for weights in int8 fp8; do
+        at "7B, $weights weights, fp8 KV cache, uncompiled: 1, 8 and as many sessions as fit; on full rings graphs on, then off; memory"
+        timeout 150 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8,max --ticks 100 --repeats 1 --no-compile \
+            --eager-too --weights "$weights" --kv-cache fp8 --rows "${json%.json}-$weights-rows.jsonl" --json \
+            > "${json%.json}-$weights.json" || status=$?
+        bench step "${json%.json}-$weights.json"
+    done
+    at "7B, int8 weights, fp8 KV cache, compiled, 8 slots, 1 and 8 sessions"
+    timeout 200 "$PY" -m benchmarks.step --device cuda --preset 7b --sessions 1,8 --ticks 200 --weights int8 --kv-cache fp8 \
+        --rows "${json%.json}-int8-compiled-rows.jsonl" --json > "${json%.json}-int8-compiled.json" || status=$?
+    bench step "${json%.json}-int8-compiled.json"
     at "done: $out/gpu-$stamp* (exit $status)"
     exit "$status"
 fi

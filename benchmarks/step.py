@@ -22,7 +22,8 @@ import time
 
 import torch
 
-from personaplex.model.config import FRAME_SIZE, PRESETS, ModelConfig, SamplingParams
+from personaplex.model.config import FRAME_SIZE, KV_FORMATS, PRESETS, WEIGHT_FORMATS, ModelConfig, SamplingParams
+from personaplex.model.formats import quantize
 from personaplex.model.lm import LMModel
 from personaplex.model.loading import Models
 from personaplex.model.mimi import Mimi
@@ -170,20 +171,24 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
         torch.set_num_threads(args.threads)
     wanted = args.sessions.split(",")
     models = random_models(config, device, dtype)
+    quantize(models.lm, args.weights)  # module by module: the full-width weights are freed as it goes
     after_weights = memory(device)
-    most = suggest_slots(config, dtype, device) if device.type == "cuda" else 8  # "max": as many as fit (at most 64)
+    kv = args.kv_cache
+    most = suggest_slots(config, kv, dtype, device) if device.type == "cuda" else 8  # "max": as many as fit (at most 64)
     sessions = sorted({most if s == "max" else int(s) for s in wanted})
     skipped = []
     if device.type == "cuda":  # only the session counts the card holds (no OOM on an 80 GB card)
-        fits = suggest_slots(config, dtype, device, cap=max(sessions))
+        fits = suggest_slots(config, kv, dtype, device, cap=max(sessions))
         skipped = [n for n in sessions if n > fits]
         sessions = [n for n in sessions if n <= fits] or [fits]
     started = time.perf_counter()
     keep = not args.no_pinning
     engine = Engine(models, num_slots=max(sessions), pinning=keep, compile=False if args.no_compile else None,
-                    prefix_attention=False if args.masked_attention else None, one_graph=not args.graph_per_bucket)
+                    prefix_attention=False if args.masked_attention else None, one_graph=not args.graph_per_bucket, kv_cache=kv)
     engine_s = time.perf_counter() - started  # compiling and capturing every bucket
-    out.emit("engine", preset=args.preset, device=str(device), dtype=str(dtype).removeprefix("torch."), slots=max(sessions),
+    out.emit("engine", preset=args.preset, device=str(device), dtype=str(dtype).removeprefix("torch."), weights=args.weights,
+             kv_cache=kv, lm_weight_bytes=engine.weight_bytes(), kv_bytes_per_slot=engine.kv_bytes() // engine.num_slots,
+             slots=max(sessions),
              start_s=round(engine_s, 1), compiled=engine.compiled, compile_failed=engine.compile_failed,
              one_graph_per_piece_failed=engine.every_batch_failed,
              cuda_graphs=engine.cuda_graphs, cuda_graphs_failed=engine.graphs_failed, prefix_attention=engine.prefix_attention,
@@ -207,7 +212,8 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
     out.emit("time_to_first_audio", **ttfa)
     result = {
         "preset": args.preset, "device": str(device), "dtype": str(dtype).removeprefix("torch."),
-        "cuda_graphs": engine.cuda_graphs, "cuda_graphs_failed": engine.graphs_failed,
+        "weights": args.weights, "kv_cache": kv, "lm_weight_bytes": engine.weight_bytes(),
+        "kv_bytes_per_slot": engine.kv_bytes() // engine.num_slots, "cuda_graphs": engine.cuda_graphs, "cuda_graphs_failed": engine.graphs_failed,
         "compiled": engine.compiled, "compile_failed": engine.compile_failed, "engine_start_s": round(engine_s, 1),
         "prefix_attention": engine.prefix_attention,
         "prefix_attention_failed": engine.prefix_attention_failed,
@@ -239,7 +245,7 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
     if device.type == "cuda":
         result["memory"] = {"after_weights": after_weights, "after_engine": after_engine,
                             "peak_allocated_gib": round(torch.cuda.max_memory_allocated(device) / 2**30, 2),
-                            "slot_bytes_estimate": slot_bytes(config, dtype),
+                            "slot_bytes_estimate": slot_bytes(config, kv, dtype),
                             "slot_bytes_measured": round((2**30 * (after_engine["allocated_gib"] - after_weights["allocated_gib"]))
                                                          / (max(sessions) + 1))}
         out.emit("memory", **result["memory"])
@@ -248,7 +254,8 @@ def run(args: argparse.Namespace, rows_out: Rows | None = None) -> dict:
 
 def render(result: dict) -> str:
     lines = [
-        f"{result['preset']} on {result['device']} ({result['hardware']}), {result['dtype']}, "
+        f"{result['preset']} on {result['device']} ({result['hardware']}), {result['dtype']}, {result['weights']} weights, "
+        f"{result['kv_cache']} KV cache, "
         f"CUDA graphs: {result['cuda_graphs']}, compiled: {result['compiled']} (engine ready in {result['engine_start_s']} s), "
         f"attention over what each slot holds: {result['prefix_attention']}, "
         f"{result['ticks']} ticks per row; naive: {result['naive']}",
@@ -290,8 +297,9 @@ def count_ops(args: argparse.Namespace) -> dict:
     config = narrow_7b()
     sessions = [int(s) for s in args.sessions.split(",")]
     keep = not args.no_pinning
-    engine = Engine(random_models(config, torch.device("cpu"), torch.bfloat16), num_slots=max(sessions), pinning=keep,
-                    compile=False)
+    models = random_models(config, torch.device("cpu"), torch.bfloat16)
+    quantize(models.lm, args.weights)
+    engine = Engine(models, num_slots=max(sessions), pinning=keep, compile=False, kv_cache=args.kv_cache)
     for slot in range(max(sessions)):
         engine.start(slot, persona(config, seed=slot), SamplingParams(seed=slot), keep_persona=keep)
     rows = []
@@ -304,7 +312,8 @@ def count_ops(args: argparse.Namespace) -> dict:
                          "host_syncs": counter.host_syncs, "by_part": dict(counter.regions.most_common()),
                          "top_ops": dict(counter.ops.most_common(12))})
     kept = "personas kept" if keep else "personas not kept"
-    return {"preset": f"7b (narrow widths, bf16 LM, {kept})", "torch": torch.__version__, "rows": rows}
+    return {"preset": f"7b (narrow widths, bf16 LM, {args.weights} weights, {args.kv_cache} KV cache, {kept})",
+            "torch": torch.__version__, "rows": rows}
 
 
 def render_ops(result: dict) -> str:
@@ -327,6 +336,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--repeats", type=int, default=5, help="time-to-first-audio repetitions")
     p.add_argument("--threads", type=int, default=1, help="torch threads on CPU")
     p.add_argument("--dtype", choices=["float32", "bfloat16"])
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="bf16", help="the LM's weights, quantized after they are made")
+    p.add_argument("--kv-cache", choices=KV_FORMATS, default="bf16", help="the LM's KV cache")
     p.add_argument("--json", action="store_true", help="print one JSON object")
     p.add_argument("--rows", help="append each figure to this file as a JSON line the moment it is measured")
     p.add_argument("--count-ops", action="store_true", help="count the kernels of one tick on the narrow 7B, on CPU")

@@ -44,6 +44,7 @@ def _no_leftover_streaming(request: pytest.FixtureRequest):
         disable_streaming(loaded.lm)
         loaded.lm.transformer.pinning = False
         loaded.lm.transformer.prefix_attention = False
+        loaded.lm.transformer.set_kv_cache("bf16")
 
 
 @pytest.fixture(scope="session")

@@ -345,7 +345,7 @@ def test_voice_labels_say_what_the_release_names_mean():
 def test_the_status_line_says_what_the_engine_does_now(service, monkeypatch):
     from personaplex.serve.contract import EngineFigures
 
-    assert "Ready**: on cpu for 2 conversations at once" in events.status_markdown(service)  # idle: the warm-up's figure
+    assert "Ready**: on cpu (float32 weights and KV cache) for 2 conversations at once" in events.status_markdown(service)  # idle: the warm-up's figure
     for figures, expected, dot in [
         (EngineFigures(1, 2, 21.0), "1 of 2 conversations in progress; an 80 ms frame of all of them takes 21 ms now", "ready"),
         (EngineFigures(2, 2, 70.0), "takes 70 ms now, near the 80 ms a frame lasts", "busy"),

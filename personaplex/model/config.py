@@ -49,6 +49,10 @@ DEFAULT_TEXT_PROMPT = (
 )
 
 
+# --- formats -------------------------------------------------------------------------------
+WEIGHT_FORMATS = ("bf16", "int8", "fp8")  # the LM's weights (`formats`): as loaded, or in 8 bits
+KV_FORMATS = ("bf16", "fp8")  # the LM's KV cache (`kv_cache`): the model's own dtype, or float8
+
 # --- sampling ------------------------------------------------------------------------------
 # Largest top-k: sampling looks at this many candidates, whatever each slot's own k (a static
 # shape, cheaper than sorting the vocabulary, and fixed for CUDA graphs).

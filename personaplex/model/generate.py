@@ -164,9 +164,11 @@ class LMGen(StreamingModule):
     `pinning`: slots may keep their system prompt in the attention window for the whole
     conversation (`pin_prompt`; see `transformer`). `prefix_attention`: one-step calls read only
     each slot's filled ring entries (flex attention, fast when compiled) instead of the masked
-    ring. Both only choose how the same attention is computed; the outputs are the same."""
+    ring. Both only choose how the same attention is computed; the outputs are the same.
+    `kv_cache`: the format of the temporal transformer's rings (`kv_cache.KV_FORMATS`)."""
 
-    def __init__(self, lm: LMModel, depformer_steps: int = CODES_PER_STREAM, pinning: bool = False) -> None:
+    def __init__(self, lm: LMModel, depformer_steps: int = CODES_PER_STREAM, pinning: bool = False,
+                 kv_cache: str = "bf16") -> None:
         super().__init__()
         assert 1 <= depformer_steps <= lm.cfg.dep_q
         assert max(lm.cfg.text_card, lm.cfg.card) <= 1 << 16, "the noise hash takes token ids below 2**16"
@@ -175,6 +177,8 @@ class LMGen(StreamingModule):
         self.register_buffer("delays", torch.tensor(lm.cfg.delays, device=lm.device), persistent=False)
         lm.transformer.pinning = pinning
         lm.transformer.prefix_attention = False
+        lm.transformer.set_kv_cache(kv_cache)
+        self.kv_cache = kv_cache
 
     @property
     def pinning(self) -> bool:
@@ -224,6 +228,11 @@ class LMGen(StreamingModule):
         state = self._offsets()
         state.advance.fill_(1)
         state.offset.fill_(self.lm.transformer.context)
+
+    def kv_bytes(self) -> int:
+        """The bytes of every slot's KV cache in the temporal transformer, as held."""
+        states = [layer.self_attn.state for layer in self.lm.transformer.layers]
+        return sum(t.nbytes for state in states if state is not None for t in vars(state).values())
 
     def window_lengths(self) -> torch.Tensor:
         """[B] the ring entries each slot's next one-step call reads."""

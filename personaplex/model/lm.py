@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .config import LMConfig
+from .formats import compute_dtype
 from .release_names import keep_release_names
 from .transformer import GatedMLP, LayerRunner, RMSNorm, Transformer, run_layer
 
@@ -93,7 +94,8 @@ class LMModel(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.text_linear.weight.dtype
+        """What it computes in (its weights may be stored in 8 bits: `formats`)."""
+        return compute_dtype(self.text_linear)
 
     @property
     def device(self) -> torch.device:

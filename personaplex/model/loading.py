@@ -8,8 +8,9 @@ Implements:
   * `patch_state_dict`: the reference's two depformer patches (8 -> 16 steps) and the legacy
     codebook buffer names, driven by one table; `load_strict`: missing keys and wrong shapes
     fail with the key named, unexpected keys are reported;
-  * `load_models`: Mimi (float32) and the LM (bf16 by default on CUDA, float32 elsewhere),
-    built on the meta device and filled from the files, plus the tokenizer and voice table;
+  * `load_models`: Mimi (float32) and the LM (bf16 by default on CUDA, float32 elsewhere; its
+    weights optionally quantized to 8 bits, `formats`), built on the meta device and filled from
+    the files, plus the tokenizer and voice table;
   * `load_voice_embeddings`: a `.pt` voice, with `weights_only=True`.
 """
 
@@ -30,6 +31,7 @@ from torch import nn
 
 from ..errors import UserError
 from .config import ModelConfig
+from .formats import quantize
 from .lm import LMModel
 from .mimi import Mimi
 from .persona import PromptError, VoicePrompt, voice_from_saved
@@ -321,14 +323,25 @@ class Models:
     tokenizer: object  # sentencepiece.SentencePieceProcessor
     voices: dict[str, Path]
     device: torch.device
+    weights: str = "bf16"  # the LM's weight format (`formats.WEIGHT_FORMATS`)
 
 
 def load_models(
-    files: CheckpointFiles, config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None
+    files: CheckpointFiles, config: ModelConfig, device: str | torch.device = "cpu", dtype: torch.dtype | None = None,
+    weights: str = "bf16",
 ) -> Models:
+    """Mimi and the LM on `device`, the LM computing in `dtype` (default: bf16 on CUDA, float32
+    elsewhere) with its weights in `weights`: as loaded, or quantized at load from the release's
+    bf16 file (`formats`): read into host memory, and quantized on `device` a matrix at a time, so
+    that the device never holds the full-width weights (a 24 GB card serves the 7B in 8 bits)."""
     device = torch.device(device)
     dtype = dtype or default_dtype(device)
     tokenizer = load_tokenizer(files.tokenizer, config.lm.text_card)
     mimi = build_mimi(config, files.mimi, device)
-    lm = build_lm(config, files.lm, device, dtype)
-    return Models(config, mimi, lm, tokenizer, voice_files(files.voices), device)
+    if weights == "bf16":
+        lm = build_lm(config, files.lm, device, dtype)
+    else:  # full width in host memory only; each matrix reaches the device in 8 bits
+        lm = build_lm(config, files.lm, torch.device("cpu"), dtype)
+        quantize(lm, weights, device)
+        lm.to(device)  # what stays full width: the norms
+    return Models(config, mimi, lm, tokenizer, voice_files(files.voices), device, weights)

@@ -43,6 +43,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import BlockMask, pinned_attention, prefix_attention, prefix_mask
+from .formats import compute_dtype
+from .kv_cache import KVCacheState, new_kv_state
 from .release_names import keep_release_names
 from .streaming import StreamingModule, StreamingState
 
@@ -131,16 +133,6 @@ class AttentionPlan:
     prefix: BlockMask | None = None  # the prefix route (`prefix_attention`): the filled ring entries of each slot
 
 
-@dataclass
-class KVCacheState(StreamingState):
-    keys: torch.Tensor  # [B, H, C, D]
-    values: torch.Tensor  # [B, H, C, D]
-
-    def reset(self, mask: torch.Tensor) -> None:
-        # Nothing to clear: entries are invalid until written, through the stack's offsets.
-        pass
-
-
 class Attention(StreamingModule):
     """Multi-head self-attention: `in_proj` (q, k, v rows, the release's `in_proj_weight`) and `out_proj`."""
 
@@ -150,16 +142,13 @@ class Attention(StreamingModule):
         self.capacity = capacity
         self.in_proj = nn.Linear(dim, 3 * dim, bias=False)
         self.out_proj = nn.Linear(dim, dim, bias=False)
+        self.kv_cache = "bf16"  # the ring's format (`kv_cache.KV_FORMATS`): the model's own dtype, or fp8
         keep_release_names(self, {"in_proj_weight": ["in_proj.weight"]})
 
     def make_state(self, batch_size: int) -> KVCacheState:
         dim = self.out_proj.out_features
         shape = (batch_size, self.num_heads, self.capacity, dim // self.num_heads)
-        w = self.in_proj.weight
-        return KVCacheState(
-            keys=torch.zeros(shape, device=w.device, dtype=w.dtype),
-            values=torch.zeros(shape, device=w.device, dtype=w.dtype),
-        )
+        return new_kv_state(self.kv_cache, shape, compute_dtype(self.in_proj), self.in_proj.weight.device)
 
     def forward(self, x: torch.Tensor, plan: AttentionPlan) -> torch.Tensor:
         B, T, D = x.shape
@@ -191,15 +180,15 @@ class Attention(StreamingModule):
         if state is None:
             return k, v
         assert isinstance(state, KVCacheState)
-        if plan.attend_new_separately:
-            keys = torch.cat([state.keys, k], dim=2)
-            values = torch.cat([state.values, v], dim=2)
+        if plan.attend_new_separately:  # the new keys as stepping will read them back from the ring
+            old_keys, old_values = state.read(k.dtype)
+            keys = torch.cat([old_keys, state.rounded(k)], dim=2)
+            values = torch.cat([old_values, state.rounded(v)], dim=2)
         assert plan.write_index is not None
-        state.keys.scatter_(2, plan.write_index, k[:, :, plan.write_from :])  # each slot at its own entries
-        state.values.scatter_(2, plan.write_index, v[:, :, plan.write_from :])
+        state.write(plan.write_index, k[:, :, plan.write_from :], v[:, :, plan.write_from :])  # each slot at its own entries
         if plan.attend_new_separately:
             return keys, values
-        return state.keys, state.values
+        return state.read(k.dtype)
 
 
 class TransformerLayer(nn.Module):
@@ -282,6 +271,11 @@ class Transformer(StreamingModule):
         self.layers = nn.ModuleList(
             TransformerLayer(dim, num_heads, self.capacity, hidden, mimi_style) for _ in range(num_layers)
         )
+
+    def set_kv_cache(self, name: str) -> None:
+        """The format of every layer's ring (`kv_cache.KV_FORMATS`), before streaming starts."""
+        for layer in self.layers:
+            layer.self_attn.kv_cache = name
 
     def make_state(self, batch_size: int) -> OffsetState:
         device = self.layers[0].self_attn.in_proj.weight.device

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 
 from ..model.config import CODES_PER_STREAM, FRAME_SIZE, SILENCE_TOKENS, SamplingParams
+from ..model.formats import weight_bytes
 from ..model.generate import LMGen, PreparedPrompt, PromptFrames, prepare_prompt
 from ..model.loading import CheckpointError, Models, load_voice_embeddings
 from ..model.persona import PromptError, VoicePrompt, build_prompt, voice_frames
@@ -83,11 +84,12 @@ class Engine:
         compile: bool | None = None,
         prefix_attention: bool | None = None,
         one_graph: bool = True,
+        kv_cache: str = "bf16",
     ) -> None:
         self.models = models
         self.num_slots = num_slots
         self.device = models.device
-        self.gen = LMGen(models.lm, depformer_steps, pinning)  # pinning: slots may keep their persona (`start`)
+        self.gen = LMGen(models.lm, depformer_steps, pinning, kv_cache)  # pinning: slots may keep their persona (`start`)
         compiling = compile_enabled(self.device) if compile is None else compile
         self._prefix_asked = prefix_attention  # None: when compiled (`compiled.prefix_route`)
         self.gen.use_prefix_attention(prefix_route(prefix_attention, compiling, pinning, self.device))
@@ -135,6 +137,14 @@ class Engine:
         elif self.prefix_attention_failed:
             found.append(f"with attention over every slot's whole window (the flex kernel failed: {self.prefix_attention_failed})")
         return found
+
+    def weight_bytes(self) -> int:
+        """The LM's weights as held (8-bit ones with their scales)."""
+        return weight_bytes(self.models.lm)
+
+    def kv_bytes(self) -> int:
+        """Every slot's LM KV cache as held."""
+        return self.gen.kv_bytes()
 
     @property
     def prefix_attention(self) -> bool:

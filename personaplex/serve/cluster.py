@@ -48,7 +48,7 @@ from starlette.routing import Route, WebSocketRoute
 from starlette.websockets import WebSocket
 
 from .api_chat import PATH, ChatDoor
-from .contract import CUSTOM_VOICE_PREFIX, MAX_UPLOAD_BYTES, REALTIME, Limits
+from .contract import CUSTOM_VOICE_PREFIX, KV_FORMATS, MAX_UPLOAD_BYTES, REALTIME, WEIGHT_FORMATS, Limits
 from .service import Service, Settings
 
 logger = logging.getLogger(__name__)
@@ -76,6 +76,8 @@ class ClusterConfig:
     max_replicas: int | None = None
     target_calls: float | None = None  # autoscaling: calls per replica to aim for (default: 3/4 of its slots)
     cpus_per_replica: float = 2.0  # on a CPU: the cores one engine gets
+    weights: str = "auto"  # the LM's weights: auto, bf16, int8, fp8
+    kv_cache: str = "bf16"  # each conversation's KV cache: bf16, fp8
     time_limit_s: float | None = 600.0
     idle_timeout_s: float = REALTIME.idle_timeout_s
 
@@ -190,7 +192,7 @@ class EngineReplica:
     def __init__(self, config: dict[str, Any], voices: Any) -> None:
         self.config = ClusterConfig(**config)
         c = self.config
-        self.service = Service(Settings(c.checkpoint, c.hf_repo, c.config, c.device, c.max_sessions))
+        self.service = Service(Settings(c.checkpoint, c.hf_repo, c.config, c.device, c.max_sessions, c.weights, c.kv_cache))
         self.service.start()
         status = self.service.wait_ready()  # Serve sends no call here before this returns
         if not status.ready:
@@ -219,6 +221,7 @@ class EngineReplica:
         return JSONResponse({
             "ready": self.service.status.ready, "level": summary.level, "summary": summary.text,
             "voices": self.service.voice_names(), "context_s": self.service.context_s,
+            "weights": self.service.weights, "kv_cache": self.service.settings.kv_cache,
             "slots": figures.slots if figures else 0, "live": figures.live if figures else 0,
             "tick_ms": figures.tick_ms if figures else 0.0, "replicas": states.get("RUNNING", 0), "replica_states": states,
         })
@@ -294,13 +297,16 @@ def parse_args(argv: list[str] | None = None) -> tuple[ClusterConfig, str, int]:
     p.add_argument("--target-calls", type=float, help="autoscaling: calls per replica to aim for")
     p.add_argument("--max-sessions", type=int, help="conversation slots per replica (default: what fits)")
     p.add_argument("--cpus-per-replica", type=float, default=2.0, help="on a CPU: cores per engine")
+    p.add_argument("--weights", choices=("auto", *WEIGHT_FORMATS), default="auto", help="the LM's weights (8 bits: half)")
+    p.add_argument("--kv-cache", choices=KV_FORMATS, default="bf16", help="each conversation's KV cache (fp8: half)")
     p.add_argument("--time-limit", type=float, default=600.0, help="seconds per call (0: none)")
     p.add_argument("--idle-timeout", type=float, default=REALTIME.idle_timeout_s)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     a = p.parse_args(argv)
     config = ClusterConfig(a.checkpoint, a.hf_repo, a.config, a.device, a.max_sessions, a.replicas, a.min_replicas,
-                           a.max_replicas, a.target_calls, a.cpus_per_replica, a.time_limit or None, a.idle_timeout)
+                           a.max_replicas, a.target_calls, a.cpus_per_replica, a.weights, a.kv_cache, a.time_limit or None,
+                           a.idle_timeout)
     return config, a.host, a.port
 
 

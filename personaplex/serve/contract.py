@@ -10,8 +10,8 @@ Implements:
     `NotReady`;
   * its limits: a call's real-time rules (`Limits`, `REALTIME`, `OFFLINE`), the role prompt's and
     a voice name's length, a custom voice's upload size and length, the sampling settings' ranges,
-    the tick that counts as falling behind; and the frame a call is counted in (`SAMPLE_RATE`,
-    `FRAME_S`);
+    the tick that counts as falling behind; the formats a model may run in (`WEIGHT_FORMATS`,
+    `KV_FORMATS`); and the frame a call is counted in (`SAMPLE_RATE`, `FRAME_S`);
   * the checks every service makes the same way: `require_ready`, `read_voice_clip`; and
     `offline_runs`, the share of the slots that offline runs take.
 A call is a `Session` (the runtime's, torch-free), handed out here with its value types
@@ -29,7 +29,16 @@ from typing import Protocol
 import numpy as np
 
 from ..errors import Busy, SettingsError, UserError
-from ..model.config import DEFAULT_TEXT_PROMPT, FRAME_S, MAX_TOP_K, SAMPLE_RATE, SEED_MAX, SamplingParams
+from ..model.config import (
+    DEFAULT_TEXT_PROMPT,
+    FRAME_S,
+    KV_FORMATS,
+    MAX_TOP_K,
+    SAMPLE_RATE,
+    SEED_MAX,
+    WEIGHT_FORMATS,
+    SamplingParams,
+)
 from ..runtime.audio import AudioError, read_audio
 from ..runtime.port import OFFLINE, REALTIME, Ending, Limits, Phase, SessionStats
 from ..runtime.recording import FileStore
@@ -37,12 +46,45 @@ from ..runtime.session import Output, Session
 from ..runtime.transcript import Transcript
 
 __all__ = [
-    "BEHIND_TICK_MS", "CUSTOM_VOICE_PREFIX", "CUSTOM_VOICE_SECONDS", "DEFAULT_TEXT_PROMPT", "FRAME_S", "MAX_ROLE_CHARS",
-    "MAX_TOP_K", "MAX_UPLOAD_BYTES", "MAX_VOICE_NAME_CHARS", "OFFLINE", "REALTIME", "SAMPLE_RATE", "SEED_MAX",
-    "AudioError", "Busy",
-    "CallService", "CallSettings", "CustomVoice", "Ending", "EngineFigures", "FileStore", "Limits", "NotReady",
-    "OfflineResult", "Output", "Phase", "SamplingParams", "Session", "SessionStats", "SettingsError", "State",
-    "Status", "Summary", "UserError", "offline_runs", "read_voice_clip", "require_ready",
+    "BEHIND_TICK_MS",
+    "CUSTOM_VOICE_PREFIX",
+    "CUSTOM_VOICE_SECONDS",
+    "DEFAULT_TEXT_PROMPT",
+    "FRAME_S",
+    "KV_FORMATS",
+    "MAX_ROLE_CHARS",
+    "MAX_TOP_K",
+    "MAX_UPLOAD_BYTES",
+    "MAX_VOICE_NAME_CHARS",
+    "OFFLINE",
+    "REALTIME",
+    "SAMPLE_RATE",
+    "SEED_MAX",
+    "WEIGHT_FORMATS",
+    "AudioError",
+    "Busy",
+    "CallService",
+    "CallSettings",
+    "CustomVoice",
+    "Ending",
+    "EngineFigures",
+    "FileStore",
+    "Limits",
+    "NotReady",
+    "OfflineResult",
+    "Output",
+    "Phase",
+    "SamplingParams",
+    "Session",
+    "SessionStats",
+    "SettingsError",
+    "State",
+    "Status",
+    "Summary",
+    "UserError",
+    "offline_runs",
+    "read_voice_clip",
+    "require_ready",
 ]
 
 MAX_ROLE_CHARS = 1000  # as the official client

@@ -20,12 +20,22 @@ import numpy as np
 import torch
 
 from ..errors import UserError
-from ..model.config import DEFAULT_TEXT_PROMPT, FRAME_SIZE, PERSONAPLEX_7B, SamplingParams, load_config, random_seed
+from ..model.config import (
+    DEFAULT_TEXT_PROMPT,
+    FRAME_SIZE,
+    KV_FORMATS,
+    PERSONAPLEX_7B,
+    WEIGHT_FORMATS,
+    SamplingParams,
+    load_config,
+    random_seed,
+)
 from ..model.generate import PromptFrames
 from ..model.loading import DEFAULT_REPO, CheckpointError, load_models, resolve_checkpoint, voice_files
 from ..model.persona import VoicePrompt
 from ..model.text import Words
 from ..runtime.audio import frames_of, read_audio, write_wav
+from ..runtime.capacity import check_formats
 from ..runtime.engine import Engine
 
 logger = logging.getLogger("personaplex.offline")
@@ -84,7 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--topk-audio", type=int, default=defaults.topk_audio)
     p.add_argument("--topk-text", type=int, default=defaults.topk_text)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="LM weights (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], help="what the LM computes in (default: bfloat16 on cuda, float32 on cpu)")
+    p.add_argument("--weights", choices=WEIGHT_FORMATS, default="bf16",
+                   help="the LM's weights: as loaded (bf16, the default), or 8-bit (int8, fp8: quantized at load)")
+    p.add_argument("--kv-cache", choices=KV_FORMATS, default="bf16", help="the LM's KV cache: the LM's dtype, or fp8")
     p.add_argument("--keep-persona", action="store_true",
                    help="keep the system prompt in the model's window past its 4-minute context (default: it slides out, as in the reference)")
     return p
@@ -111,8 +124,9 @@ def run(args: argparse.Namespace) -> None:
     config = load_config(args.config) if args.config else PERSONAPLEX_7B
     user_pcm = read_audio(args.input_wav)
     dtype = getattr(torch, args.dtype) if args.dtype else None
-    models = load_models(resolve_checkpoint(args.checkpoint, args.hf_repo), config, args.device, dtype)
-    engine = Engine(models, num_slots=1, pinning=args.keep_persona)
+    check_formats(torch.device(args.device), args.weights, args.kv_cache)
+    models = load_models(resolve_checkpoint(args.checkpoint, args.hf_repo), config, args.device, dtype, weights=args.weights)
+    engine = Engine(models, num_slots=1, pinning=args.keep_persona, kv_cache=args.kv_cache)
     prompt = engine.prompt(_voice(engine, args.voice_prompt, args.voice_prompt_dir), args.text_prompt)
     frames = -(-user_pcm.size // FRAME_SIZE)
     from tqdm import tqdm

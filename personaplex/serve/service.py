@@ -30,7 +30,7 @@ from ..model.loading import DEFAULT_REPO, CheckpointError, Models, load_models, 
 from ..model.text import Words
 from ..runtime.audio import AudioError, level_db, write_wav
 from ..runtime.audio import preload as preload_codecs
-from ..runtime.capacity import check_room, cpu_threads, fit_slots, suggest_slots, tick_ms
+from ..runtime.capacity import check_formats, check_room, choose_weights, cpu_threads, fit_slots, suggest_slots, tick_ms
 from ..runtime.compiled import compile_enabled
 from ..runtime.engine import Engine
 from ..runtime.transcript import Transcript
@@ -68,6 +68,8 @@ class Settings:
     config: str | None = None
     device: str | None = None  # default: cuda if available
     max_sessions: int | None = None  # default: what fits the device's memory
+    weights: str = "auto"  # the LM's weights: auto, bf16, int8 or fp8 (`formats`)
+    kv_cache: str = "bf16"  # the LM's KV cache: bf16 or fp8 (`kv_cache`)
 
 
 class Service:
@@ -82,6 +84,7 @@ class Service:
         self.models: Models | None = None
         self.engine: Engine | None = None
         self.worker: EngineWorker | None = None
+        self.weights = settings.weights  # as loaded, once "auto" has chosen
         self.files = FileStore(grace_s=FILES_GRACE_S)
         self.voices = Voices(self.files)
         self._words: Words | None = None
@@ -136,7 +139,7 @@ class Service:
                     callback()
                 except Exception:  # the model is ready all the same
                     logger.exception("a callback for the ready model failed")
-        except CheckpointError as exc:  # missing files, gated repo, no GPU: said in the status line
+        except UserError as exc:  # missing files, gated repo, no GPU, a format it cannot run: said in the status line
             self._set(State.FAILED, str(exc))
         except Exception as exc:  # the loader thread's boundary: every failure goes to the status line
             logger.exception("loading failed")
@@ -147,8 +150,12 @@ class Service:
         s = self.settings
         if s.device == "cuda" and not torch.cuda.is_available():
             raise CheckpointError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
+        check_formats(self.device, s.weights, s.kv_cache)
         self.config = load_config(s.config) if s.config else PERSONAPLEX_7B
-        dtype = check_room(self.config, self.device, cpu_asked=s.device == "cpu")
+        self.weights, why = choose_weights(self.config, self.device, s.kv_cache, s.weights)
+        if why:
+            logger.info("--weights auto: %s", why)
+        dtype = check_room(self.config, self.device, cpu_asked=s.device == "cpu", weights=self.weights, kv_cache=s.kv_cache)
         if s.checkpoint:
             self._set(State.LOADING, f"reading the checkpoint in {s.checkpoint}")
         else:
@@ -158,12 +165,12 @@ class Service:
         self._set(State.LOADING, f"loading the model onto {self.device}")
         if self.device.type == "cpu":
             torch.set_num_threads(cpu_threads())  # the process's one model: its share of the cores
-        self.models = load_models(files, self.config, self.device, dtype)
-        slots = s.max_sessions or suggest_slots(self.config, self.models.lm.dtype, self.device)
+        self.models = load_models(files, self.config, self.device, dtype, weights=self.weights)
+        slots = s.max_sessions or suggest_slots(self.config, s.kv_cache, self.models.lm.dtype, self.device)
         if compile_enabled(self.device):
             self._set(State.LOADING, f"compiling the engine's step for {slots} conversation slots (minutes on a "
                       "first start; a kept Inductor cache makes it quicker)")
-        self.engine = Engine(self.models, num_slots=slots, pinning=True)
+        self.engine = Engine(self.models, num_slots=slots, pinning=True, kv_cache=s.kv_cache)
         self.worker = EngineWorker(self.engine)
         self.voices.attach(self.engine, self.worker)
         self._words = Words(self.models.tokenizer)
@@ -174,7 +181,10 @@ class Service:
         return slots, frame_ms
 
     def _ready_message(self, slots: int, frame_ms: float) -> str:
-        what = f"ready on {self.device} with {slots} conversation slot{'s' * (slots > 1)}; one frame of all slots takes {frame_ms:.0f} ms"
+        what = (f"ready on {self.device} with {slots} conversation slot{'s' * (slots > 1)}; one frame of all slots takes "
+                f"{frame_ms:.0f} ms; {self.formats}")
+        if self.settings.weights == "auto" and self.device.type == "cuda":
+            what += f" (auto: {choose_weights(self.config, self.device, self.settings.kv_cache, 'auto')[1]})"
         assert self.engine is not None
         for shortfall in self.engine.shortfalls:  # loud: the engine works, but slower than it should
             what += f" {shortfall}"
@@ -191,6 +201,15 @@ class Service:
         return self.engine, self.worker, self._words
 
     # --- what the page shows --------------------------------------------------------------
+    @property
+    def formats(self) -> str:
+        """The LM's weights and KV cache in words ("int8 weights, fp8 KV cache"); "bf16" is the
+        model's own dtype, said as it is (float32 on a CPU)."""
+        own = str(self.models.lm.dtype if self.models is not None else "").removeprefix("torch.").replace("bfloat16", "bf16")
+        weights = own if self.weights == "bf16" else self.weights
+        cache = own if self.settings.kv_cache == "bf16" else self.settings.kv_cache
+        return f"{weights} weights and KV cache" if weights == cache else f"{weights} weights, {cache} KV cache"
+
     @property
     def context_s(self) -> float:
         """How much of a conversation the model holds (its window), in seconds."""
@@ -212,7 +231,7 @@ class Service:
         if s.state is not State.READY or figures is None:
             level = {State.FAILED: "failed"}.get(s.state, "busy")
             return Summary(level, s.state.value.capitalize(), s.message)
-        where = self.device.type
+        where = f"{self.device.type} ({self.formats})"
         if figures.live:
             text = (f"on {where}: {figures.live} of {figures.slots} conversations in progress; "
                     f"an 80 ms frame of all of them takes {figures.tick_ms:.0f} ms now")
