@@ -65,6 +65,13 @@ def test_output_is_exactly_as_long_as_the_input_and_role_may_be_empty(tmp_path):
     assert rc == 0 and pcm.shape == (49199,) and len(labels) == 26
 
 
+def test_8_bit_weights_and_cache_give_a_whole_reply(tmp_path):
+    """(How close it is to full precision is `benchmarks.quality`'s measure: free-running greedy
+    output of a random tiny model parts from it within frames, whatever the format.)"""
+    rc, pcm, labels = run_cli(tmp_path, "--voice-prompt", "TESTV0", *GOLDEN_ARGS, "--weights", "int8", "--kv-cache", "fp8")
+    assert rc == 0 and pcm.shape == (76800,) and len(labels) == 40 and np.abs(pcm).max() > 0.01
+
+
 def test_other_formats_rates_and_sampling(tmp_path):
     src = encode_audio_file(tmp_path / "in.flac", tone(1.0, 48000, channels=2), 48000, "flac")
     args = [a for a in GOLDEN_ARGS if a != "--greedy"]
