@@ -129,28 +129,33 @@ def test_with_the_fp8_cache_batched_equals_alone_and_prefill_equals_stepping(int
     assert torch.equal(stepped, batched[0])
 
 
+@pytest.mark.parametrize("route", [{"cuda_graphs": True}, {"prefix_attention": True}], ids=["graph-plumbing", "prefix-route"])
 @pytest.mark.filterwarnings("ignore:flex_attention called without torch.compile")
 @torch.inference_mode()
-def test_with_the_fp8_cache_the_prefix_route_equals_the_masked_route(int8_models):
-    masked = run(Engine(int8_models, num_slots=2, pinning=True, kv_cache="fp8", prefix_attention=False), [0, 1])
-    prefix = run(Engine(int8_models, num_slots=2, pinning=True, kv_cache="fp8", prefix_attention=True), [0, 1])
-    for a, b in zip(masked, prefix, strict=True):
+def test_with_the_fp8_cache_each_route_of_the_tick_gives_the_plain_tokens(int8_models, route):
+    """Through `StepGraphs` (emulated without CUDA: the same static buffers and replays), and on
+    the prefix route (flex attention over what each slot holds), against the plain masked tick."""
+    plain = run(Engine(int8_models, num_slots=2, pinning=True, kv_cache="fp8", cuda_graphs=False, prefix_attention=False), [0, 1])
+    other = run(Engine(int8_models, num_slots=2, pinning=True, kv_cache="fp8", **{"cuda_graphs": False, **route}), [0, 1])
+    for a, b in zip(plain, other, strict=True):
         assert torch.equal(a, b)
 
 
 # --- the app, in 8 bits ----------------------------------------------------------------------
-@pytest.fixture(scope="module")
-def app_in_8_bits(tmp_path_factory):
-    """The app with int8 weights and the fp8 cache, compiled, with a window of 140 frames: a call
-    passes it after a few seconds, and keeps its persona (the prompt is about 100 frames)."""
+@pytest.fixture(scope="module", params=["eager", "compiled"])
+def app_in_8_bits(request, tmp_path_factory):
+    """The app with int8 weights and the fp8 cache, eager and compiled, with a window of 140
+    frames: a call passes it after a few seconds, and keeps its persona (the prompt is about 100
+    frames)."""
     config = json.loads(TINY_CONFIG.read_text())
     config["lm"]["context"] = 140
     short = tmp_path_factory.mktemp("config") / "short_context.json"
     short.write_text(json.dumps(config))
-    app = RunningApp("--weights", "int8", "--kv-cache", "fp8", "--config", str(short), env={"PERSONAPLEX_COMPILE": "1"})
+    compile_env = {"PERSONAPLEX_COMPILE": "1" if request.param == "compiled" else "0"}
+    app = RunningApp("--weights", "int8", "--kv-cache", "fp8", "--config", str(short), env=compile_env)
     try:
         app.wait_ready(timeout=600)
-        yield app
+        yield app, request.param
     finally:
         app.stop()
 
@@ -158,7 +163,7 @@ def app_in_8_bits(tmp_path_factory):
 def test_an_app_in_8_bits_serves_both_doors_past_its_window(app_in_8_bits, client, speech):
     from examples.chat_client import talk
 
-    app = app_in_8_bits
+    app, mode = app_in_8_bits
     assert "int8 weights, fp8 KV cache" in app.output()
     ws_url = app.url.replace("http://", "ws://") + "/api/chat"
 
@@ -170,7 +175,8 @@ def test_an_app_in_8_bits_serves_both_doors_past_its_window(app_in_8_bits, clien
     assert webrtc.ended is None and webrtc.audio.size / client.RATE > 8.5  # audio for the whole call
     assert "full since" in webrtc.details and "the persona" in webrtc.details  # past the window, the persona kept
     assert ws.error is None and ws.seconds > 9.0 and "".join(ws.text).strip()
-    assert "compiling the engine's step" in app.output() and "uncompiled" not in app.output()  # compiled, and it worked
+    compiled = "compiling the engine's step" in app.output()
+    assert compiled == (mode == "compiled") and "uncompiled" not in app.output()  # as asked, and it worked
 
 
 # --- what fits, and what auto takes --------------------------------------------------------

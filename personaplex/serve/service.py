@@ -85,6 +85,7 @@ class Service:
         self.engine: Engine | None = None
         self.worker: EngineWorker | None = None
         self.weights = settings.weights  # as loaded, once "auto" has chosen
+        self._chosen = ""  # why "auto" chose what it did
         self.files = FileStore(grace_s=FILES_GRACE_S)
         self.voices = Voices(self.files)
         self._words: Words | None = None
@@ -152,9 +153,7 @@ class Service:
             raise CheckpointError("--device cuda was asked for, but PyTorch sees no CUDA GPU on this machine")
         check_formats(self.device, s.weights, s.kv_cache)
         self.config = load_config(s.config) if s.config else PERSONAPLEX_7B
-        self.weights, why = choose_weights(self.config, self.device, s.kv_cache, s.weights)
-        if why:
-            logger.info("--weights auto: %s", why)
+        self.weights, self._chosen = choose_weights(self.config, self.device, s.kv_cache, s.weights)
         dtype = check_room(self.config, self.device, cpu_asked=s.device == "cpu", weights=self.weights, kv_cache=s.kv_cache)
         if s.checkpoint:
             self._set(State.LOADING, f"reading the checkpoint in {s.checkpoint}")
@@ -183,8 +182,8 @@ class Service:
     def _ready_message(self, slots: int, frame_ms: float) -> str:
         what = (f"ready on {self.device} with {slots} conversation slot{'s' * (slots > 1)}; one frame of all slots takes "
                 f"{frame_ms:.0f} ms; {self.formats}")
-        if self.settings.weights == "auto" and self.device.type == "cuda":
-            what += f" (auto: {choose_weights(self.config, self.device, self.settings.kv_cache, 'auto')[1]})"
+        if self._chosen:
+            what += f" (--weights auto: {self._chosen})"
         assert self.engine is not None
         for shortfall in self.engine.shortfalls:  # loud: the engine works, but slower than it should
             what += f" {shortfall}"
