@@ -178,7 +178,6 @@ class LMGen(StreamingModule):
         lm.transformer.pinning = pinning
         lm.transformer.prefix_attention = False
         lm.transformer.set_kv_cache(kv_cache)
-        self.kv_cache = kv_cache
 
     @property
     def pinning(self) -> bool:

@@ -65,9 +65,10 @@ class Fp8KVCacheState(KVCacheState):
 
 def to_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """x [..., D] -> (x * 2^-e in float8 [..., D], e [...] int8), e per vector."""
-    amax = x.float().abs().amax(dim=-1)  # [...]
+    xf = x.float()
+    amax = xf.abs().amax(dim=-1)  # [...]
     e = torch.ceil(torch.log2(amax / FP8_MAX)).clamp(*EXP_RANGE)  # (-inf for a zero vector: the smallest)
-    scaled = (x.float() * torch.exp2(-e)[..., None]).clamp(-FP8_MAX, FP8_MAX)
+    scaled = (xf * torch.exp2(-e)[..., None]).clamp(-FP8_MAX, FP8_MAX)
     return scaled.to(FP8), e.to(torch.int8)
 
 
